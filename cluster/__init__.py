@@ -1,0 +1,1 @@
+"""Ray cluster glue: runtime environment, job submission, local head start/stop."""

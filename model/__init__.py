@@ -1,0 +1,4 @@
+"""Images and networks: dataset ingest, shards, backbones, losses, sampling, checkpoints.
+
+Never imports `index`, `pipelines` or `cluster`.
+"""
