@@ -65,3 +65,38 @@ def format_report(report: dict) -> str:
 
 def valid_fraction(per_query: M.PerQueryMetrics) -> float:
     return float(np.mean(per_query.valid)) if len(per_query.valid) else 0.0
+
+
+def per_query_metrics_from_results(results, query_item_ids, query_image_ids, query_cams,
+                                   gallery_item_ids, gallery_image_ids, gallery_cams,
+                                   k: int | None = None) -> tuple[M.PerQueryMetrics, int, str]:
+    """Metrics@k from retrieved lists (query-results contract) when the gallery is too large for
+    exact evaluation. results: pa.Table (query_id, rank, item_id, image_id, score).
+    Returns (per-query metrics, k, mode) where mode is "centroid" when image_id is null."""
+    import pyarrow.compute as pc
+
+    if results.num_rows == 0:
+        raise VectorFileError("results are empty")
+    results = results.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    centroid = results.column("image_id").null_count == results.num_rows
+    codes = M.encode_labels(query_item_ids, gallery_item_ids, query_cams, gallery_cams)
+    vocab = {v: i for i, v in enumerate(codes.vocabulary.tolist())}
+    res_items = np.array([vocab.get(x, -3) for x in results.column("item_id").to_pylist()], np.int64)
+    res_cams = None
+    if codes.gallery_cams is not None and not centroid:
+        cam_of = dict(zip(list(gallery_image_ids), codes.gallery_cams.tolist()))
+        res_cams = np.array([cam_of.get(x, -1) for x in results.column("image_id").to_pylist()], np.int64)
+    qids = results.column("query_id")
+    uniq, starts = np.unique(np.asarray(qids.to_pylist(), dtype=object), return_index=True)
+    bounds = dict(zip(uniq.tolist(), zip(starts, np.append(starts[1:], len(qids)))))
+    lengths = pc.value_counts(qids).field("counts").to_numpy()
+    k = int(k or lengths.max())
+    n_rel = M.relevant_counts(codes, centroid=centroid)
+    out = np.empty((len(query_item_ids), 4))
+    for row, qid in enumerate(query_image_ids):
+        a, b = bounds.get(qid, (0, 0))
+        q_cam = int(codes.query_cams[row]) if codes.query_cams is not None else None
+        out[row] = M.ranked_list_metrics(res_items[a:b], None if res_cams is None else res_cams[a:b],
+                                         int(codes.query_items[row]), q_cam, codes.junk, int(n_rel[row]), k)
+    pq_ = M.PerQueryMetrics(out[:, 0], out[:, 1], out[:, 2].astype(np.int64), out[:, 3].astype(np.int64))
+    return pq_, k, "centroid" if centroid else "instance"

@@ -284,3 +284,42 @@ def evaluate_centroids(query: np.ndarray, codes: LabelCodes, sums: ItemSums,
                 # a junk query has no true match under the ReID rule
                 result[chunk[codes.query_items[chunk] == codes.junk]] = (np.nan, np.nan, NO_MATCH, 0)
     return PerQueryMetrics(result[:, 0], result[:, 1], result[:, 2].astype(np.int64), result[:, 3].astype(np.int64))
+
+
+def ranked_list_metrics(ranked_items: np.ndarray, ranked_cams: np.ndarray | None, q_item: int,
+                        q_cam: int | None, junk: int, num_relevant: int, k: int
+                        ) -> tuple[float, float, int, int]:
+    """Metrics@k of one query from its retrieved top-k list (when the gallery is too large to rank
+    whole). ranked_items/ranked_cams: (K,) int64 in rank order; num_relevant: true matches in the
+    whole gallery after the rules. AP@k divides by min(k, num_relevant); INP@k is 0 unless every
+    true match is within the list. first_match is k when no match was retrieved."""
+    if num_relevant <= 0 or (q_cam is not None and q_item == junk):
+        return np.nan, np.nan, NO_MATCH, 0
+    keep = np.ones(len(ranked_items), bool)
+    if q_cam is not None:
+        keep &= ranked_items != junk
+        if ranked_cams is not None:
+            keep &= ~((ranked_items == q_item) & (ranked_cams == q_cam) & (q_cam != -1))
+    hits = np.flatnonzero(ranked_items[keep][:k] == q_item)
+    if len(hits) == 0:
+        return 0.0, 0.0, k, num_relevant
+    ap = float(np.sum(np.arange(1, len(hits) + 1) / (hits + 1)) / min(k, num_relevant))
+    inp = num_relevant / (hits[-1] + 1) if len(hits) >= num_relevant else 0.0
+    return ap, inp, int(hits[0]), num_relevant
+
+
+def relevant_counts(codes: LabelCodes, centroid: bool = False) -> np.ndarray:
+    """(Q,) number of true matches each query has in the whole gallery under the rules
+    (instance: gallery images of its item not from its camera; centroid: 0 or 1)."""
+    counts = np.bincount(codes.gallery_items, minlength=len(codes.vocabulary))[codes.query_items]
+    if codes.query_cams is not None:
+        base = max(codes.gallery_cams.max(), codes.query_cams.max()) + 2
+        pairs = codes.gallery_items * base + codes.gallery_cams
+        uniq, n = np.unique(pairs, return_counts=True)
+        qpairs = codes.query_items * base + codes.query_cams
+        pos = np.searchsorted(uniq, qpairs)
+        pos = np.minimum(pos, len(uniq) - 1)
+        same_cam = np.where((uniq[pos] == qpairs) & (codes.query_cams != -1), n[pos], 0)
+        counts = counts - same_cam
+        counts[codes.query_items == codes.junk] = 0
+    return np.minimum(counts, 1) if centroid else counts

@@ -16,7 +16,13 @@ from pipelines._cli import run_main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--query", required=True, help="query embeddings (Parquet file or directory)")
-    p.add_argument("--gallery", required=True, help="gallery embeddings (Parquet file or directory)")
+    p.add_argument("--gallery", default=None, help="gallery embeddings (Parquet file or directory)")
+    p.add_argument("--results", default=None,
+                   help="score retrieved lists (query-results Parquet from query.py) instead of ranking the "
+                        "whole gallery: metrics become mAP@k / CMC@k<=k, labelled so in the report")
+    p.add_argument("--gallery-labels", default=None,
+                   help="with --results: Parquet with image_id, item_id[, camera_id] of the whole gallery "
+                        "(manifest or embeddings), to count each query's true matches")
     p.add_argument("--query-split", default=None,
                    help="keep only query rows of this split (when query and gallery share one file)")
     p.add_argument("--gallery-split", default=None, help="keep only gallery rows of this split")
@@ -37,6 +43,10 @@ def main(argv=None) -> int:
 
     if args.chunk is not None and args.chunk < 1:
         raise ValueError("--chunk must be >= 1")
+    if args.results:
+        return evaluate_results(args)
+    if not args.gallery:
+        raise ValueError("give --gallery (embeddings), or --results with --gallery-labels")
     t0 = time.perf_counter()
     query = read_vectors(args.query, kind="embeddings", split=args.query_split)
     gallery = read_vectors(args.gallery, kind="embeddings", split=args.gallery_split)
@@ -52,6 +62,45 @@ def main(argv=None) -> int:
     print(format_report(reports))
     payload = reports if len(reports) > 1 else reports[0]
     write_text_atomic(args.out, json.dumps(payload, indent=2) + "\n")
+    print(f"report: {args.out}")
+    return 0
+
+
+def evaluate_results(args) -> int:
+    import pyarrow.dataset as pads
+
+    from index.evaluation import format_report, make_report, per_query_metrics_from_results
+    from index.storage import write_text_atomic
+    from index.vectors import camera_array, open_dataset
+
+    if not args.gallery_labels:
+        raise ValueError("--results needs --gallery-labels (image_id, item_id[, camera_id] of the gallery)")
+
+    def labels(path, split):
+        ds = open_dataset(path)
+        missing = {"image_id", "item_id"} - set(ds.schema.names)
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        cols = [c for c in ("image_id", "item_id", "camera_id") if c in ds.schema.names]
+        flt = (pads.field("split") == split) if split and "split" in ds.schema.names else None
+        t = ds.to_table(columns=cols, filter=flt)
+        cams = camera_array(t.column("camera_id")) if "camera_id" in cols else None
+        return t.column("item_id").to_pylist(), t.column("image_id").to_pylist(), cams
+
+    q_items, q_ids, q_cams = labels(args.query, args.query_split)
+    g_items, g_ids, g_cams = labels(args.gallery_labels, args.gallery_split)
+    if not q_items:
+        raise ValueError("query set is empty")
+    results = open_dataset(args.results).to_table()
+    missing = {"query_id", "rank", "item_id", "image_id", "score"} - set(results.column_names)
+    if missing:
+        raise ValueError(f"{args.results}: not query results, missing column(s) {', '.join(sorted(missing))}")
+    pq_, k, mode = per_query_metrics_from_results(results, q_items, q_ids, q_cams, g_items, g_ids, g_cams)
+    report = make_report(pq_, mode, at_k=k, note=f"metrics@{k} from retrieved lists: AP@k divides by "
+                         "min(k, true matches); CMC only up to k")
+    report["cmc"] = {r: v for r, v in report["cmc"].items() if int(r) <= k}
+    print(format_report(report))
+    write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
     print(f"report: {args.out}")
     return 0
 
