@@ -1,0 +1,286 @@
+"""Per-item centroids as a mergeable aggregation: partial sums per batch, combine, finalise.
+
+The unit of aggregation is the (item, camera) pair: its vector sum and image count. Item-level
+sums are the sums over an item's pairs, so one set of pair sums serves both
+
+- the centroids contract (mean of the item's embeddings, L2-normalised; DESIGN.md), and
+- centroid-mode evaluation with camera exclusion (an item's centroid without one camera's
+  images is (item sum - pair sum) / (item count - pair count)), and
+- nightly updates of touched items only: add the new images' pair sums, subtract the removed
+  ones' (``apply_delta``), re-finalise only those items.
+
+Everything here is plain numpy/pyarrow, so the distributed job (pipelines/centroids.py) and the
+tests run the very same functions. Sums are accumulated in float64: a centroid is then exact to
+float32 rounding whatever the order batches were combined in.
+
+Unknown cameras are ``UNKNOWN_CAMERA`` (-1) in numpy and null in Parquet.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from index.vectors import META_KEY, VectorFileError
+
+UNKNOWN_CAMERA = -1
+SUMS_KIND = "item_camera_sums"
+
+
+@dataclass
+class PairSums:
+    """Embedding sums per (item, camera) pair, sorted by (item_id, camera_id), pairs unique.
+
+    item_ids: (K,) object (str); camera_ids: (K,) int64, UNKNOWN_CAMERA for unknown;
+    sums: (K, D) float64; counts: (K,) int64 (> 0 after ``combine``).
+    """
+
+    item_ids: np.ndarray
+    camera_ids: np.ndarray
+    sums: np.ndarray
+    counts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def dim(self) -> int:
+        return self.sums.shape[1]
+
+    def take(self, rows: np.ndarray) -> PairSums:
+        return PairSums(self.item_ids[rows], self.camera_ids[rows], self.sums[rows], self.counts[rows])
+
+
+@dataclass
+class Centroids:
+    """One row per item, sorted by item_id. embeddings: (I, D) float32 L2-normalised means;
+    counts: (I,) int32; camera_ids: list of I sorted lists of known camera ids (int)."""
+
+    item_ids: np.ndarray
+    embeddings: np.ndarray
+    counts: np.ndarray
+    camera_ids: list[list[int]]
+    sums: np.ndarray  # (I, D) float64 item sums, before the mean (for incremental updates)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+def empty_pair_sums(dim: int) -> PairSums:
+    return PairSums(np.empty(0, object), np.empty(0, np.int64), np.zeros((0, dim)), np.empty(0, np.int64))
+
+
+def _encode_pairs(item_ids: np.ndarray, camera_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group rows by (item, camera). Returns (order, starts, first): `order` sorts rows by
+    (item_id, camera_id), `starts` are the group starts within that order (for reduceat),
+    `first` is the original row index of each group's first row."""
+    # Hash the strings once (Arrow dictionary encoding), then sort small integers, not strings.
+    enc = pc.dictionary_encode(pa.array(item_ids, pa.string()))
+    dictionary = np.asarray(enc.dictionary.to_pylist(), dtype=object)
+    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    # rank of each dictionary entry in string order, so groups come out sorted by item_id
+    rank = np.empty(len(dictionary), np.int64)
+    rank[np.argsort(dictionary.astype(str), kind="stable")] = np.arange(len(dictionary))
+    cams = np.asarray(camera_ids, dtype=np.int64)
+    order = np.lexsort((cams, rank[codes]))
+    key_item, key_cam = rank[codes][order], cams[order]
+    boundary = np.ones(len(order), bool)
+    boundary[1:] = (key_item[1:] != key_item[:-1]) | (key_cam[1:] != key_cam[:-1])
+    starts = np.flatnonzero(boundary)
+    return order, starts, order[starts]
+
+
+def _check_inputs(item_ids, camera_ids, vectors: np.ndarray, counts=None) -> None:
+    if vectors.ndim != 2:
+        raise VectorFileError(f"expected (N, D) vectors, got shape {vectors.shape}")
+    n = len(vectors)
+    if len(item_ids) != n or len(camera_ids) != n or (counts is not None and len(counts) != n):
+        raise VectorFileError("item_ids, camera_ids and vectors differ in length")
+    if not np.isfinite(vectors).all():
+        bad = int((~np.isfinite(vectors)).any(axis=1).sum())
+        raise VectorFileError(f"{bad} vector(s) contain NaN or inf")
+    if any(i is None for i in item_ids):
+        raise VectorFileError("item_id has null values")
+
+
+def camera_codes(camera_ids, n: int) -> np.ndarray:
+    """camera ids with None/NaN/null for unknown (or None for a whole batch) -> (n,) int64."""
+    if camera_ids is None:
+        return np.full(n, UNKNOWN_CAMERA, np.int64)
+    if isinstance(camera_ids, (pa.Array, pa.ChunkedArray)):
+        return np.asarray(camera_ids.fill_null(UNKNOWN_CAMERA).to_numpy(zero_copy_only=False), np.int64)
+    arr = np.asarray(camera_ids, dtype=object)
+    return np.array([UNKNOWN_CAMERA if c is None or (isinstance(c, float) and np.isnan(c)) else int(c) for c in arr], dtype=np.int64) \
+        if arr.dtype == object else np.asarray(camera_ids, np.int64)
+
+
+def partial_sums(item_ids, camera_ids, vectors: np.ndarray, counts=None) -> PairSums:
+    """Sum a batch of vectors per (item, camera) pair.
+
+    item_ids: (N,) str; camera_ids: (N,) int (UNKNOWN_CAMERA = unknown) or None (all unknown);
+    vectors: (N, D) float32 or float64 (image embeddings, or already-summed rows when `counts`
+    gives how many images each row stands for). Returns PairSums sorted by (item, camera).
+    """
+    vectors = np.asarray(vectors)
+    item_ids = np.asarray(item_ids, dtype=object)
+    cams = camera_codes(camera_ids, len(item_ids))
+    _check_inputs(item_ids, cams, vectors, counts)
+    if len(vectors) == 0:
+        return empty_pair_sums(vectors.shape[1])
+    order, starts, first = _encode_pairs(item_ids, cams)
+    # reduceat over the sorted rows accumulates in float64 without a float64 copy of the batch
+    sums = np.add.reduceat(vectors[order], starts, axis=0, dtype=np.float64)
+    if counts is None:
+        n = np.diff(np.append(starts, len(order)))
+    else:
+        n = np.add.reduceat(np.asarray(counts, np.int64)[order], starts)
+    return PairSums(item_ids[first], cams[first], sums, n.astype(np.int64))
+
+
+def combine(parts: Iterable[PairSums], drop_empty: bool = True) -> PairSums:
+    """Merge partial pair sums (from any batches, in any order) into one PairSums.
+    drop_empty: remove pairs whose count is 0 (after ``apply_delta`` subtractions)."""
+    parts = [p for p in parts]
+    if not parts:
+        raise VectorFileError("nothing to combine")
+    dims = {p.dim for p in parts}
+    if len(dims) != 1:
+        raise VectorFileError(f"partial sums differ in dimension: {sorted(dims)}")
+    parts = [p for p in parts if len(p)] or parts[:1]
+    if len(parts) == 1:
+        merged = parts[0]
+    else:
+        merged = partial_sums(
+            np.concatenate([p.item_ids for p in parts]),
+            np.concatenate([p.camera_ids for p in parts]),
+            np.concatenate([p.sums for p in parts]),
+            counts=np.concatenate([p.counts for p in parts]),
+        )
+    if drop_empty:
+        if (merged.counts < 0).any():
+            raise VectorFileError("negative image count after combining (removed more than was added)")
+        merged = merged.take(np.flatnonzero(merged.counts > 0))
+    return merged
+
+
+def negate(p: PairSums) -> PairSums:
+    return PairSums(p.item_ids, p.camera_ids, -p.sums, -p.counts)
+
+
+def apply_delta(current: PairSums, added: PairSums | None = None, removed: PairSums | None = None
+                ) -> tuple[PairSums, np.ndarray]:
+    """Nightly update: current + added - removed. Returns (new pair sums, touched item ids).
+    Only the touched items need their centroids re-finalised (``finalize(new, items=touched)``)."""
+    parts = [current]
+    touched = []
+    if added is not None:
+        parts.append(added)
+        touched.append(added.item_ids)
+    if removed is not None:
+        parts.append(negate(removed))
+        touched.append(removed.item_ids)
+    items = np.unique(np.concatenate(touched).astype(str)) if touched else np.empty(0, str)
+    return combine(parts), items.astype(object)
+
+
+def finalize(p: PairSums, items: Iterable[str] | None = None) -> Centroids:
+    """Pair sums -> centroids: per item the sum over its pairs, divided by its count, then
+    L2-normalised. items: restrict to these item ids (touched items), else all.
+    Raises VectorFileError for an item with no image (count 0)."""
+    if items is not None:
+        wanted = np.asarray(list(items), dtype=object).astype(str)
+        p = p.take(np.flatnonzero(np.isin(p.item_ids.astype(str), wanted)))
+    if len(p) == 0:
+        return Centroids(np.empty(0, object), np.zeros((0, p.dim), np.float32), np.empty(0, np.int32),
+                         [], np.zeros((0, p.dim)))
+    # pairs are sorted by item, so an item's pairs are one contiguous run
+    ids = p.item_ids.astype(str)
+    boundary = np.ones(len(ids), bool)
+    boundary[1:] = ids[1:] != ids[:-1]
+    starts = np.flatnonzero(boundary)
+    sums = np.add.reduceat(p.sums, starts, axis=0)
+    counts = np.add.reduceat(p.counts, starts)
+    if (counts <= 0).any():
+        bad = p.item_ids[starts[np.flatnonzero(counts <= 0)[0]]]
+        raise VectorFileError(f"item {bad!r} has no image (count {int(counts[counts <= 0][0])})")
+    means = sums / counts[:, None]
+    norms = np.linalg.norm(means, axis=1, keepdims=True)
+    if (norms < 1e-12).any():
+        bad = p.item_ids[starts[np.flatnonzero(norms[:, 0] < 1e-12)[0]]]
+        raise VectorFileError(f"item {bad!r}: its embeddings sum to zero, no direction to normalise")
+    embeddings = (means / norms).astype(np.float32)
+    cams = np.split(p.camera_ids, starts[1:])
+    camera_lists = [[int(c) for c in cs if c != UNKNOWN_CAMERA] for cs in cams]
+    return Centroids(p.item_ids[starts], embeddings, counts.astype(np.int32), camera_lists, sums)
+
+
+def centroids_reference(item_ids, camera_ids, vectors: np.ndarray) -> Centroids:
+    """Plain numpy reference (np.unique + np.add.at, one pass), for tests and benchmarks."""
+    item_ids = np.asarray(item_ids).astype(str)
+    items, inv = np.unique(item_ids, return_inverse=True)
+    sums = np.zeros((len(items), vectors.shape[1]))
+    np.add.at(sums, inv, vectors)
+    counts = np.bincount(inv, minlength=len(items))
+    means = sums / counts[:, None]
+    emb = (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
+    cams = camera_codes(camera_ids, len(item_ids))
+    camera_lists = [sorted({int(c) for c in cams[inv == i] if c != UNKNOWN_CAMERA}) for i in range(len(items))]
+    return Centroids(items.astype(object), emb, counts.astype(np.int32), camera_lists, sums)
+
+
+# ---- Parquet form of pair sums: OUT/item_camera_sums.parquet --------------------------------
+
+def sums_schema(dim: int, model: str) -> pa.Schema:
+    """item_camera_sums: one row per (item, camera) pair. `sum` is the float64 sum of the pair's
+    L2-normalised image embeddings, `count` the number of images; camera_id null = unknown."""
+    meta = json.dumps({"model": str(model), "dim": int(dim), "normalized": False, "kind": SUMS_KIND})
+    return pa.schema(
+        [
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("camera_id", pa.int32()),
+            pa.field("sum", pa.list_(pa.float64(), dim), nullable=False),
+            pa.field("count", pa.int32(), nullable=False),
+        ],
+        metadata={META_KEY: meta.encode()},
+    )
+
+
+def pair_sums_to_table(p: PairSums, model: str) -> pa.Table:
+    cams = pa.array(p.camera_ids.astype(np.int32), pa.int32(), mask=p.camera_ids == UNKNOWN_CAMERA)
+    sums = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(p.sums, np.float64).reshape(-1)),
+                                             p.dim)
+    return pa.table([pa.array(p.item_ids, pa.string()), cams, sums,
+                     pa.array(p.counts.astype(np.int32), pa.int32())], schema=sums_schema(p.dim, model))
+
+
+def pair_sums_from_table(table: pa.Table | pa.RecordBatch, where: str = "item_camera_sums") -> PairSums:
+    """Inverse of pair_sums_to_table (also reads float32 sums)."""
+    missing = [c for c in ("item_id", "camera_id", "sum", "count") if c not in table.schema.names]
+    if missing:
+        raise VectorFileError(f"{where}: not an item_camera_sums file, missing column(s) {', '.join(missing)}")
+    col = table.column("sum")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if not pa.types.is_fixed_size_list(col.type):
+        raise VectorFileError(f"{where}: sum column is {col.type}, expected fixed_size_list<float64>[D]")
+    sums = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False).reshape(-1, col.type.list_size)
+    return PairSums(np.asarray(table.column("item_id").to_pylist(), dtype=object),
+                    camera_codes(table.column("camera_id"), table.num_rows),
+                    sums, np.asarray(table.column("count").to_numpy(zero_copy_only=False), np.int64))
+
+
+def read_pair_sums(path: str) -> tuple[PairSums, str]:
+    """Read OUT/item_camera_sums.parquet whole -> (PairSums, model id)."""
+    import pyarrow.parquet as pq
+
+    from index.storage import resolve
+
+    fs, p = resolve(path)
+    table = pq.read_table(p, filesystem=fs)
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    model = json.loads(raw)["model"] if raw else ""
+    return combine([pair_sums_from_table(table, path)]), model

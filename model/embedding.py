@@ -1,0 +1,313 @@
+"""Batch embedding of encoded images: decode, preprocess, forward, L2-normalise.
+
+Plain functions on bytes / numpy / torch, so the Ray Data job (pipelines/embed.py) and the tests
+run the same code. ``EmbedBatch`` is the callable class for ``map_batches`` with an actor pool:
+it loads the model once per actor.
+
+Rows flow as Arrow tables ("sample tables", ``SAMPLE_COLUMNS``): the manifest labels, the
+encoded image bytes, the sha256 of those bytes (``content_hash``) and a ``carry`` flag set for
+images an incremental run does not recompute (their bytes are dropped early). ``EmbedBatch``
+turns a sample table into an "embedded table" (``embedded_schema``): labels, content_hash,
+``embedding`` (null unless embedded), ``error`` (why an image was skipped, else null), carry.
+
+Decoding is ours (not the reader's), so a corrupt image becomes an error row and never stops a
+job. GPU: fp16 autocast and channels_last; CPU: fp32. Always under torch.inference_mode.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+SAMPLE_COLUMNS = ("image_id", "item_id", "camera_id", "split", "image", "content_hash", "read_error",
+                  "carry")
+LABEL_COLUMNS = ("image_id", "item_id", "camera_id", "split")
+
+
+def content_hash(data: bytes) -> str:
+    """sha256 hex digest of the encoded image bytes (what decides 'changed' incrementally)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def row_key(image_id: str, chash: str, item_id: str, camera_id, split) -> int:
+    """64-bit key of everything an embeddings row depends on besides the model: the image id,
+    its bytes (content hash) and its labels. Equal keys -> the previous row can be carried."""
+    text = "\x1f".join([str(image_id), str(chash), str(item_id),
+                        "" if camera_id is None else str(int(camera_id)), str(split or "")])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def row_keys(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """(N,) int64 row_key of each row of a table with LABEL_COLUMNS + content_hash."""
+    cols = [table.column(c).to_pylist() for c in (*LABEL_COLUMNS, "content_hash")]
+    image_ids, items, cams, splits, hashes = cols
+    return np.fromiter((row_key(i, h, it, c, s) for i, it, c, s, h in zip(image_ids, items, cams, splits, hashes)),
+                       dtype=np.int64, count=len(image_ids))
+
+
+def sample_table(rows: Sequence[dict], images: Sequence[bytes],
+                 read_errors: Sequence[str | None] | None = None) -> pa.Table:
+    """Manifest rows + encoded image bytes -> sample table (content_hash computed, carry False).
+    read_errors: per row None or why the image could not be read (it is then not embedded)."""
+    return pa.table({
+        "image_id": pa.array([r["image_id"] for r in rows], pa.string()),
+        "item_id": pa.array([str(r["item_id"]) for r in rows], pa.string()),
+        "camera_id": pa.array([r.get("camera_id") for r in rows], pa.int32()),
+        "split": pa.array([r.get("split") for r in rows], pa.string()),
+        "image": pa.array(list(images), pa.binary()),
+        "content_hash": pa.array([content_hash(b) for b in images], pa.string()),
+        "read_error": pa.array(read_errors if read_errors is not None else [None] * len(rows), pa.string()),
+        "carry": pa.array(np.zeros(len(rows), bool)),
+    })
+
+
+def mark_carried(table: pa.Table, previous_keys: np.ndarray | None) -> pa.Table:
+    """Set `carry` on rows whose row_key is in previous_keys (sorted (P,) int64) and drop their
+    image bytes, so unchanged images never travel further nor reach the model."""
+    if previous_keys is None or len(previous_keys) == 0 or table.num_rows == 0:
+        return table
+    keys = row_keys(table)
+    pos = np.clip(np.searchsorted(previous_keys, keys), 0, len(previous_keys) - 1)
+    carry = previous_keys[pos] == keys
+    images = table.column("image").to_pylist()
+    images = [b"" if c else b for b, c in zip(images, carry)]
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    return table.set_column(table.schema.get_field_index("carry"), "carry", pa.array(carry))
+
+
+# ---- decoding and the forward pass ---------------------------------------------------------
+
+def _model_api():
+    """The training helper's model-directory API (imported lazily: torch is heavy)."""
+    from model.checkpoint import load_model
+    from model.transforms import decode_image, eval_transform
+
+    return load_model, decode_image, eval_transform
+
+
+def decode_or_reason(data: bytes, decode: Callable[[bytes], object]):
+    """(PIL image, None) or (None, one-line reason). Never raises for bad bytes."""
+    if not data:
+        return None, "empty image bytes"
+    try:
+        img = decode(data)
+        return img, None
+    except Exception as e:  # noqa: BLE001 -- any decoder failure is a property of this image, not of the job
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return None, f"undecodable image: {type(e).__name__}{': ' + msg if msg else ''}"
+
+
+def preprocess(images: Sequence[bytes], decode: Callable, transform: Callable,
+               pool: ThreadPoolExecutor | None = None):
+    """Decode and transform a batch of encoded images.
+
+    Returns (x, ok, reasons): x float32 tensor (n_ok, 3, H, W) of the decodable images in order,
+    ok (N,) bool, reasons: list of N (None or why the image was skipped).
+    """
+    import torch
+
+    def one(data):
+        img, reason = decode_or_reason(data, decode)
+        if reason is not None:
+            return None, reason
+        try:
+            return transform(img), None
+        except Exception as e:  # noqa: BLE001 -- e.g. a degenerate size the transform rejects
+            return None, f"unusable image: {type(e).__name__}: {e}"
+
+    results = list(pool.map(one, images)) if pool is not None else [one(b) for b in images]
+    ok = np.array([t is not None for t, _ in results], dtype=bool)
+    tensors = [t for t, _ in results if t is not None]
+    x = torch.stack(tensors) if tensors else None
+    return x, ok, [r for _, r in results]
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def prepare_model(net, device: str):
+    """Move an eval-mode net to `device`; channels_last on GPU (faster convolutions)."""
+    import torch
+
+    net = net.to(device).eval()
+    if device.startswith("cuda"):
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def forward_embeddings(net, x, device: str) -> np.ndarray:
+    """Batched inference: x (B, 3, H, W) float32 -> (B, D) float32 L2-normalised numpy.
+    GPU: fp16 autocast + channels_last input; CPU: fp32."""
+    import torch
+
+    with torch.inference_mode():
+        if device.startswith("cuda"):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16):
+                y = net(x)
+        else:
+            y = net(x.to(device))
+        y = torch.nn.functional.normalize(y.float(), dim=1)  # normalise in fp32
+        return y.cpu().numpy().astype(np.float32, copy=False)
+
+
+@dataclass
+class EmbedResult:
+    """embeddings: (N, D) float32 (zero rows where not ok); ok: (N,) bool; reasons: N of None|str."""
+
+    embeddings: np.ndarray
+    ok: np.ndarray
+    reasons: list
+
+
+class ModelRunner:
+    """A loaded model plus its eval transform; embeds lists of encoded images."""
+
+    def __init__(self, model_dir: str, device: str = "auto", threads: int | None = None,
+                 decode_threads: int = 2):
+        import torch
+
+        load_model, self.decode, eval_transform = _model_api()
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = pick_device(device)
+        net, self.cfg, self.model_id = load_model(model_dir)
+        self.net = prepare_model(net, self.device)
+        self.transform = eval_transform(self.cfg)
+        self.dim = int(self.cfg.embedding_dim)
+        self.pool = ThreadPoolExecutor(max(1, decode_threads)) if decode_threads > 1 else None
+
+    def embed_images(self, images: Sequence[bytes]) -> EmbedResult:
+        x, ok, reasons = preprocess(images, self.decode, self.transform, self.pool)
+        out = np.zeros((len(images), self.dim), np.float32)
+        if x is not None:
+            emb = forward_embeddings(self.net, x, self.device)
+            bad = ~np.isfinite(emb).all(axis=1)
+            out[ok] = emb
+            if bad.any():  # a NaN embedding is an error of that image, never written
+                idx = np.flatnonzero(ok)[bad]
+                ok[idx] = False
+                for i in idx:
+                    reasons[i] = "model produced NaN/inf embedding"
+                out[idx] = 0
+        return EmbedResult(out, ok, reasons)
+
+
+def embedded_schema(dim: int) -> pa.Schema:
+    """EmbedBatch output: labels, content_hash, embedding (null unless embedded), error, carry."""
+    return pa.schema([
+        pa.field("image_id", pa.string()), pa.field("item_id", pa.string()),
+        pa.field("camera_id", pa.int32()), pa.field("split", pa.string()),
+        pa.field("content_hash", pa.string()),
+        pa.field("embedding", pa.list_(pa.float32(), dim)),
+        pa.field("error", pa.string()), pa.field("carry", pa.bool_()),
+    ])
+
+
+def embed_sample_table(runner: ModelRunner, table: pa.Table) -> pa.Table:
+    """Sample table -> embedded table. Carried rows pass through without a forward pass."""
+    carry = table.column("carry").to_numpy(zero_copy_only=False).astype(bool)
+    read_errors = table.column("read_error").to_pylist()
+    failed = np.array([e is not None for e in read_errors], dtype=bool)
+    todo = np.flatnonzero(~carry & ~failed)
+    images = table.column("image").take(pa.array(todo)).to_pylist() if len(todo) else []
+    n = table.num_rows
+    emb = np.zeros((n, runner.dim), np.float32)
+    valid = np.zeros(n, bool)
+    errors: list = list(read_errors)
+    if len(todo):
+        res = runner.embed_images(images)
+        emb[todo] = res.embeddings
+        valid[todo] = res.ok
+        for i, r in zip(todo, res.reasons):
+            errors[i] = r
+    flat = pa.array(emb.reshape(-1))
+    embedding = pa.FixedSizeListArray.from_arrays(flat, runner.dim, mask=pa.array(~valid))
+    cols = [table.column(c) for c in LABEL_COLUMNS] + [
+        table.column("content_hash"), embedding, pa.array(errors, pa.string()), pa.array(carry)]
+    return pa.Table.from_arrays(cols, schema=embedded_schema(runner.dim))
+
+
+class EmbedBatch:
+    """Callable for ``ray.data.Dataset.map_batches(EmbedBatch, compute=ActorPoolStrategy(...),
+    batch_format="pyarrow")``: loads the model once per actor, then embeds sample tables."""
+
+    def __init__(self, model_dir: str, device: str = "auto", threads: int | None = None,
+                 decode_threads: int = 2):
+        self.runner = ModelRunner(model_dir, device, threads, decode_threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return embed_sample_table(self.runner, batch)
+
+
+# ---- readers for the two input kinds (no Ray here) -------------------------------------------
+
+def samples_from_shards(urls: Iterable[str], split: str | None = None,
+                        chunk: int = 256) -> Iterable[pa.Table]:
+    """Stream sample tables (<= `chunk` rows) from WebDataset shards via model.shards.
+
+    An unreadable/truncated shard becomes one error row (image_id = the shard url, empty
+    bytes, so it is reported with its reason) after the shard's complete samples."""
+    from model.shards import iter_shard_samples
+
+    bad: list[tuple[str, str]] = []
+    rows, images = [], []
+
+    def on_error(url, exc):
+        bad.append((url, f"unreadable shard: {type(exc).__name__}: {exc}"))
+
+    for _key, data, _ext, row in iter_shard_samples(list(urls), on_error=on_error):
+        if split is not None and row.get("split") != split:
+            continue
+        rows.append(row)
+        images.append(data)
+        if len(rows) >= chunk:
+            yield sample_table(rows, images)
+            rows, images = [], []
+    if rows:
+        yield sample_table(rows, images)
+    if bad:
+        yield shard_error_table(bad)
+
+
+def shard_error_table(bad: Sequence[tuple[str, str]]) -> pa.Table:
+    """Error rows for whole shards (image_id = the shard url, read_error = why)."""
+    return sample_table([{"image_id": u, "item_id": "", "camera_id": None, "split": None} for u, _ in bad],
+                        [b""] * len(bad), [r for _, r in bad])
+
+
+def read_file_bytes(root: str, rel: str) -> tuple[bytes, str | None]:
+    """(bytes of root/rel, None) on the local filesystem or any filesystem pyarrow opens, or
+    (b'', reason) if unreadable: the image is then recorded as an error, not fatal."""
+    path = root.rstrip("/") + "/" + rel.lstrip("/")
+    try:
+        if "://" in root and not root.startswith("file://"):
+            import pyarrow.fs as pafs
+
+            fs, p = pafs.FileSystem.from_uri(path)
+            with fs.open_input_stream(p) as f:
+                return f.read(), None
+        with open(path.removeprefix("file://"), "rb") as f:
+            return f.read(), None
+    except OSError as e:
+        return b"", f"unreadable file: {type(e).__name__}: {e.strerror or e}"
+
+
+def manifest_sample_table(rows: Sequence[dict], root: str) -> pa.Table:
+    """Manifest rows (dicts with image_id, item_id, camera_id, split, path) -> sample table."""
+    read = [read_file_bytes(root, r["path"]) for r in rows]
+    return sample_table(rows, [b for b, _ in read], [e for _, e in read])
+
+
+def default_threads() -> int:
+    return max(1, (os.cpu_count() or 1))

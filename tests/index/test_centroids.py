@@ -1,0 +1,109 @@
+"""Centroid aggregation (partial sums -> combine -> finalise) against a plain numpy reference."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from index import centroids as C
+from index.vectors import VectorFileError
+
+
+def data(n=600, d=16, items=40, cams=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    it = np.array([str(i) for i in rng.integers(0, items, n)], dtype=object)
+    cam = rng.integers(1, cams + 1, n)
+    return it, cam, x
+
+
+def numpy_reference(it, cam, x):
+    """Plain loops: per item mean then normalise; per (item, camera) sums."""
+    out, pairs = {}, {}
+    for i in sorted(set(it)):
+        m = it == i
+        mean = x[m].astype(np.float64).mean(0)
+        out[i] = (mean / np.linalg.norm(mean), int(m.sum()), sorted({int(c) for c in cam[m] if c != -1}))
+        for c in set(cam[m].tolist()):
+            mm = m & (cam == c)
+            pairs[(i, int(c))] = (x[mm].astype(np.float64).sum(0), int(mm.sum()))
+    return out, pairs
+
+
+@pytest.mark.parametrize("batch", [1, 37, 600])
+def test_batched_equals_reference(batch):
+    it, cam, x = data()
+    parts = [C.partial_sums(it[s:s + batch], cam[s:s + batch], x[s:s + batch]) for s in range(0, len(x), batch)]
+    rng = np.random.default_rng(1)
+    parts = [parts[i] for i in rng.permutation(len(parts))]  # combine order does not matter
+    pairs = C.combine(parts)
+    c = C.finalize(pairs)
+    ref, ref_pairs = numpy_reference(it, cam, x)
+    assert list(c.item_ids) == sorted(ref)
+    for k, i in enumerate(c.item_ids):
+        e, n, cams = ref[i]
+        assert np.abs(c.embeddings[k] - e).max() < 1e-5
+        assert c.counts[k] == n and c.camera_ids[k] == cams
+    assert c.embeddings.dtype == np.float32 and c.counts.dtype == np.int32
+    assert len(pairs) == len(ref_pairs)
+    for i, cm, s, n in zip(pairs.item_ids, pairs.camera_ids, pairs.sums, pairs.counts):
+        rs, rn = ref_pairs[(i, int(cm))]
+        assert n == rn and np.abs(s - rs).max() < 1e-5
+    r = C.centroids_reference(it, cam, x)
+    assert np.abs(r.embeddings - c.embeddings).max() < 1e-5
+
+
+def test_unknown_cameras_and_none():
+    it, cam, x = data(n=50)
+    c = C.finalize(C.combine([C.partial_sums(it, None, x)]))
+    assert all(cs == [] for cs in c.camera_ids)
+    cams = np.where(np.arange(50) % 2 == 0, cam, C.UNKNOWN_CAMERA)
+    p = C.partial_sums(it, pa.array([None if v == -1 else int(v) for v in cams], pa.int32()), x)
+    assert set(p.camera_ids.tolist()) <= set(cam.tolist()) | {-1}
+    ref, _ = numpy_reference(it, cams, x)
+    c = C.finalize(p)
+    for k, i in enumerate(c.item_ids):
+        assert c.camera_ids[k] == ref[i][2]
+
+
+def test_apply_delta_updates_touched_items_only():
+    it, cam, x = data(n=300)
+    base = C.combine([C.partial_sums(it[:250], cam[:250], x[:250])])
+    removed = C.partial_sums(it[:20], cam[:20], x[:20])
+    added = C.partial_sums(it[250:], cam[250:], x[250:])
+    new, touched = C.apply_delta(base, added=added, removed=removed)
+    expect = C.finalize(C.combine([C.partial_sums(it[20:], cam[20:], x[20:])]))
+    got = C.finalize(new, items=touched)
+    assert set(got.item_ids) == set(touched) & set(expect.item_ids)
+    for k, i in enumerate(got.item_ids):
+        j = list(expect.item_ids).index(i)
+        assert np.abs(got.embeddings[k] - expect.embeddings[j]).max() < 1e-5
+        assert got.counts[k] == expect.counts[j]
+    with pytest.raises(VectorFileError, match="negative"):
+        C.apply_delta(C.combine([removed]), removed=base)
+
+
+def test_parquet_round_trip():
+    it, cam, x = data(n=80)
+    cams = np.where(np.arange(80) % 3 == 0, C.UNKNOWN_CAMERA, cam)
+    p = C.combine([C.partial_sums(it, cams, x)])
+    t = C.pair_sums_to_table(p, "m1")
+    assert t.schema.field("sum").type == pa.list_(pa.float64(), 16)
+    assert t.column("camera_id").null_count == int((p.camera_ids == -1).sum())
+    q = C.pair_sums_from_table(t)
+    assert (q.item_ids == p.item_ids).all() and (q.camera_ids == p.camera_ids).all()
+    assert np.array_equal(q.sums, p.sums) and (q.counts == p.counts).all()
+
+
+def test_bad_inputs():
+    it, cam, x = data(n=10)
+    bad = x.copy()
+    bad[3, 0] = np.nan
+    with pytest.raises(VectorFileError, match="NaN"):
+        C.partial_sums(it, cam, bad)
+    with pytest.raises(VectorFileError, match="length"):
+        C.partial_sums(it[:5], cam, x)
+    zero = C.PairSums(np.array(["a"], object), np.array([1]), np.zeros((1, 16)), np.array([0]))
+    with pytest.raises(VectorFileError, match="no image"):
+        C.finalize(zero)
+    with pytest.raises(VectorFileError, match="dimension"):
+        C.combine([C.partial_sums(it, cam, x), C.partial_sums(it, cam, x[:, :8])])

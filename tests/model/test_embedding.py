@@ -1,0 +1,114 @@
+"""Per-batch embedding logic without Ray: decode, preprocess, forward, normalise, carry-over."""
+import hashlib
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from model import embedding as E
+
+
+def jpeg(seed: int, size=(16, 32)) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from model.checkpoint import save_model
+    from model.config import ModelConfig
+    from model.net import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", input_size=(32, 16))
+    net = build_model(cfg).eval()
+    d = tmp_path_factory.mktemp("m") / "model"
+    save_model(net, cfg, str(d))
+    return str(d)
+
+
+def rows(n, item="1", cam=1):
+    return [{"image_id": f"img{i}.jpg", "item_id": item, "camera_id": cam, "split": "gallery"} for i in range(n)]
+
+
+def test_content_hash_is_sha256():
+    b = jpeg(0)
+    assert E.content_hash(b) == hashlib.sha256(b).hexdigest()
+
+
+def test_decode_or_reason_records_corrupt_bytes():
+    from model.transforms import decode_image
+
+    img, reason = E.decode_or_reason(jpeg(1), decode_image)
+    assert reason is None and img.mode == "RGB"
+    img, reason = E.decode_or_reason(b"\xff\xd8 not really a jpeg", decode_image)
+    assert img is None and "undecodable" in reason
+    assert E.decode_or_reason(b"", decode_image)[1] == "empty image bytes"
+
+
+def test_runner_matches_plain_forward_and_skips_corrupt(tiny_model):
+    from model.checkpoint import load_model
+    from model.transforms import decode_image, eval_transform
+
+    runner = E.ModelRunner(tiny_model, device="cpu", threads=1, decode_threads=2)
+    images = [jpeg(2), b"garbage", jpeg(3), jpeg(4)]
+    res = runner.embed_images(images)
+    assert res.ok.tolist() == [True, False, True, True]
+    assert res.reasons[0] is None and "undecodable" in res.reasons[1]
+    assert np.allclose(res.embeddings[1], 0)
+    assert np.allclose(np.linalg.norm(res.embeddings[res.ok], axis=1), 1, atol=1e-5)
+    # reference: the model applied image by image, normalised with numpy
+    net, cfg, _ = load_model(tiny_model)
+    tf = eval_transform(cfg)
+    for i in (0, 2, 3):
+        with torch.no_grad():
+            y = net(tf(decode_image(images[i]))[None]).numpy()[0]
+        assert np.allclose(res.embeddings[i], y / np.linalg.norm(y), atol=1e-5)
+    assert runner.model_id == load_model(tiny_model)[2]
+
+
+def test_mark_carried_matches_full_row_key():
+    imgs = [jpeg(5), jpeg(6), jpeg(7)]
+    t = E.sample_table(rows(3), imgs)
+    prev = np.sort(E.row_keys(t.slice(0, 2)))
+    # image 1 changed bytes, image 2 is new: only image 0 is carried
+    t2 = E.sample_table(rows(3), [imgs[0], jpeg(60), imgs[2]])
+    m = E.mark_carried(t2, prev)
+    assert m.column("carry").to_pylist() == [True, False, False]
+    assert m.column("image").to_pylist()[0] == b""
+    # a relabelled image (same bytes, other item) is not carried either
+    t3 = E.sample_table(rows(1, item="2"), imgs[:1])
+    assert E.mark_carried(t3, prev).column("carry").to_pylist() == [False]
+
+
+def test_embed_sample_table_nulls_carried_and_errors(tiny_model):
+    runner = E.ModelRunner(tiny_model, device="cpu", threads=1, decode_threads=1)
+    imgs = [jpeg(8), b"bad", jpeg(9), b""]
+    t = E.sample_table(rows(4), imgs, [None, None, None, "unreadable file: x"])
+    t = t.set_column(t.schema.get_field_index("carry"), "carry", pa.array([False, False, True, False]))
+    out = E.embed_sample_table(runner, t)
+    assert out.schema == E.embedded_schema(runner.dim)
+    emb = out.column("embedding")
+    assert [v is not None for v in emb.to_pylist()] == [True, False, False, False]
+    errs = out.column("error").to_pylist()
+    assert errs[0] is None and errs[2] is None and "undecodable" in errs[1] and errs[3] == "unreadable file: x"
+    assert out.column("carry").to_pylist() == [False, False, True, False]
+    assert out.column("content_hash").to_pylist() == t.column("content_hash").to_pylist()
+
+
+def test_manifest_sample_table_reports_missing_file(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg(10))
+    r = [{"image_id": "a.jpg", "item_id": "1", "camera_id": None, "split": "gallery", "path": "a.jpg"},
+         {"image_id": "b.jpg", "item_id": "1", "camera_id": None, "split": "gallery", "path": "b.jpg"}]
+    t = E.manifest_sample_table(r, str(tmp_path))
+    errs = t.column("read_error").to_pylist()
+    assert errs[0] is None and errs[1].startswith("unreadable file")
+    assert t.column("camera_id").null_count == 2
