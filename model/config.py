@@ -1,0 +1,274 @@
+"""Typed configuration for the network and for training, from YAML plus command-line overrides.
+
+A run is described by one `Config` (sections `model`, `data`, `train`, `run`). It is built
+from plain values only: `yaml.safe_load` for files and `key.sub=value` strings for overrides,
+each checked against the dataclass field's type, so a config can never import or execute code.
+Unknown keys are errors that name the key.
+
+    cfg = load_config("configs/market.yaml", ["train.epochs=30", "model.backbone=resnet18"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Width of each backbone's final feature map = the embedding dimension D.
+BACKBONE_DIMS = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "resnet50_ibn_a": 2048,
+    "efficientnet_lite0": 1280,
+}
+POOLINGS = ("avg", "gem")
+
+
+@dataclass
+class ModelConfig:
+    """The network, everything needed to rebuild it for inference (stored as config.json).
+
+    embedding_dim is derived from the backbone (0 = fill in); a stored value that disagrees
+    with the backbone is an error. input_size is (H, W); mean/std are per RGB channel in [0, 1].
+    num_classes is the number of training identities (0 = no classifier head, inference only).
+    """
+
+    backbone: str = "resnet50"
+    pooling: str = "avg"
+    gem_p: float = 3.0
+    last_stride: int = 1
+    num_classes: int = 0
+    input_size: tuple[int, int] = (256, 128)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    embedding_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONE_DIMS:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose from {sorted(BACKBONE_DIMS)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose from {list(POOLINGS)}")
+        if self.last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        self.input_size = tuple(int(v) for v in self.input_size)
+        if len(self.input_size) != 2 or min(self.input_size) < 16:
+            raise ValueError(f"input_size must be (H, W) with both >= 16, got {self.input_size}")
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std must have 3 values, std > 0")
+        dim = BACKBONE_DIMS[self.backbone]
+        if self.embedding_dim not in (0, dim):
+            raise ValueError(f"embedding_dim {self.embedding_dim} does not match backbone "
+                             f"{self.backbone} (dim {dim})")
+        self.embedding_dim = dim
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return from_dict(cls, json.loads(text), "model")
+
+
+@dataclass
+class DataConfig:
+    """Where the WebDataset shards are (local path or any pyarrow URI)."""
+
+    shards: str = ""              # folder holding <split>-NNNNNN.tar
+    train_split: str = "train"
+    query_split: str = "query"
+    gallery_split: str = "gallery"
+    P: int = 16                   # items per batch (per worker)
+    M: int = 4                    # images per item
+    min_images: int = 2           # items with fewer training images are skipped
+    loader_threads: int = 2       # decode/augment threads per worker
+    max_pixels: int = 20_000_000  # decode guard against decompression bombs
+
+    def __post_init__(self) -> None:
+        if self.P < 2 or self.M < 2:
+            raise ValueError(f"need P >= 2 and M >= 2 for triplet/CTL, got P={self.P}, M={self.M}")
+        if self.min_images < 2:
+            raise ValueError("min_images must be >= 2 (an item needs a positive)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: losses, schedule, distributed/accelerator options."""
+
+    epochs: int = 120
+    steps_per_epoch: int = 0      # 0 = one pass over every training item (P items per step)
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 10
+    warmup_factor: float = 0.01   # lr starts at lr * warmup_factor and rises linearly
+    milestones: tuple[int, ...] = (40, 70)
+    gamma: float = 0.1
+    margin: float = 0.5           # triplet and CTL margin
+    ce_weight: float = 1.0
+    label_smoothing: float = 0.1
+    triplet_weight: float = 1.0
+    ctl_weight: float = 1.0       # 0 switches CTL off
+    center_weight: float = 5e-4   # 0 switches center loss off
+    center_lr: float = 0.5
+    accum_steps: int = 1
+    amp: bool = True              # used on GPU only
+    channels_last: bool = True    # used on GPU only
+    seed: int = 0
+    pretrained: str = ""          # "", "lite0-imagenet", a state-dict file or a model directory
+    eval_every: int = 0           # validate every N epochs (0 = only after the last epoch)
+    eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(int(m) for m in self.milestones)
+        if self.epochs < 1 or self.accum_steps < 1:
+            raise ValueError("epochs and accum_steps must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class RunConfig:
+    """Ray Train run: name, storage, workers, fault tolerance, final model output."""
+
+    name: str = "ctl"
+    storage_path: str = "outputs/ray_results"
+    output: str = ""              # final model directory (default: <storage>/<name>/model)
+    num_workers: int = 2
+    use_gpu: str = "auto"         # auto | true | false
+    cpus_per_worker: int = 1
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        self.use_gpu = str(self.use_gpu).lower()
+        if self.use_gpu not in ("auto", "true", "false"):
+            raise ValueError(f"use_gpu must be auto, true or false, got {self.use_gpu!r}")
+        if self.num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- plain values -> dataclasses
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one plain value to the annotated type `tp`; errors name `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"config {key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config {key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"config {key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"config {key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"config {key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ValueError(f"config {key}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ValueError(f"config {key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"config {key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config {key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"config {key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def from_dict(cls, d: dict, prefix: str = ""):
+    """Build dataclass `cls` from a plain dict; unknown keys and wrong types raise ValueError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise ValueError(f"unknown config key{where}: {unknown[0]!r} (known: {sorted(names)})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(base: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML scalars/lists) to a plain dict."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ValueError(f"override key {key!r} must be section.key (e.g. train.lr)")
+        section, name = parts
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ValueError(f"config section {section!r} is not a mapping")  # noqa: TRY004
+        out[section][name] = _parse_scalar(text)
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + `section.key=value` overrides -> validated `Config`."""
+    import yaml
+
+    raw: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(Config, raw)

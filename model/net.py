@@ -1,0 +1,79 @@
+"""The re-identification network: backbone -> pooling -> BN-neck -> bias-free classifier.
+
+As in the ReID "strong baseline" (Luo et al. 2019): the metric losses (triplet, CTL, center)
+use the pooled feature before the BN-neck, cross-entropy uses the classifier on the feature
+after it, and inference uses the post-BN feature (cosine similarity after L2-normalising).
+The BN-neck's bias is frozen at zero so the classifier's decision boundaries pass through the
+origin of the embedding space.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.backbones import build_backbone
+from model.config import ModelConfig
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling with a learnable exponent p: (B, C, h, w) -> (B, C)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(min=1.0)  # p < 1 is not a mean any more; keeps pow well-defined
+        pooled = F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1)
+        return pooled.pow(1.0 / p).flatten(1)
+
+
+class AvgPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+class ReIDNet(nn.Module):
+    """Train mode: forward(x) -> (global feature (B, D), bn feature (B, D), logits (B, C) or None).
+    Eval mode: forward(x) -> post-BN embedding (B, D) float32 (not L2-normalised).
+    x: (B, 3, H, W) float, normalised with cfg.mean/std.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.backbone, cfg.last_stride)
+        self.pool = GeM(cfg.gem_p) if cfg.pooling == "gem" else AvgPool()
+        d = cfg.embedding_dim
+        self.bottleneck = nn.BatchNorm1d(d)
+        nn.init.ones_(self.bottleneck.weight)
+        nn.init.zeros_(self.bottleneck.bias)
+        self.bottleneck.bias.requires_grad_(False)
+        self.classifier = nn.Linear(d, cfg.num_classes, bias=False) if cfg.num_classes > 0 else None
+        if self.classifier is not None:
+            nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def forward(self, x: torch.Tensor):
+        feat = self.pool(self.backbone(x))
+        bn = self.bottleneck(feat)
+        if not self.training:
+            return bn.float()
+        logits = self.classifier(bn) if self.classifier is not None else None
+        return feat, bn, logits
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference embedding (B, D) float32, whatever mode the module is in (restored after)."""
+        was = self.training
+        self.eval()
+        try:
+            return self(x)
+        finally:
+            self.train(was)
+
+
+def build_model(cfg: ModelConfig) -> ReIDNet:
+    """A freshly initialised network for `cfg` (no weights loaded, nothing downloaded)."""
+    return ReIDNet(cfg)
