@@ -1,9 +1,8 @@
 """Global pooling heads for retrieval: feature map (B, C, H, W) -> descriptor (B, C).
 
-- `GeM` (Radenovic et al., "Fine-tuning CNN Image Retrieval with No Human Annotation", TPAMI
-  2018): generalised mean ((1/HW) sum x^p)^(1/p) with a learnable exponent p; p = 1 is average
-  pooling, p -> inf max pooling. Same parameter name (`p`, a 0-d tensor) as the GeM in
-  model/net.py, so state dicts load into either.
+- GeM (Radenovic et al., "Fine-tuning CNN Image Retrieval with No Human Annotation", TPAMI
+  2018; learnable p) is `model.net.GeM`, reused here through `build_pooling("gem")` and
+  imported only when asked for, so that model/net.py can import this module without a cycle.
 - `RMAC` (Tolias, Sicre, Jegou, "Particular object retrieval with integral max-pooling of CNN
   activations", ICLR 2016): square regions at L scales laid out on the feature map with ~40%
   overlap, each region max-pooled and L2-normalised, the region vectors summed, the sum
@@ -29,34 +28,6 @@ POOLINGS = ("avg", "max", "gem", "rmac")
 
 RMAC_OVERLAP = 0.4           # desired overlap of neighbouring regions (Tolias et al.)
 RMAC_STEPS = (2, 3, 4, 5, 6, 7)  # candidate numbers of regions along the long side
-
-
-class GeM(nn.Module):
-    """Generalised-mean pooling, learnable exponent p: (B, C, H, W) float -> (B, C) float32.
-
-    Activations are clamped at `eps` first (x^p needs x > 0; ReLU maps are >= 0 anyway), and p
-    is clamped at `p_min` in the forward pass so an optimiser step can never make it a
-    non-mean (p < 1) or zero.
-    """
-
-    def __init__(self, p: float = 3.0, eps: float = 1e-6, learn_p: bool = True,
-                 p_min: float = 1.0):
-        super().__init__()
-        if p < p_min:
-            raise ValueError(f"GeM p must be >= {p_min}, got {p}")
-        self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learn_p)
-        self.eps = float(eps)
-        self.p_min = float(p_min)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_map(x)
-        p = self.p.clamp(min=self.p_min)
-        # float32 even under autocast: x^p of fp16 activations overflows for p ~ 3
-        pooled = F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1)
-        return pooled.pow(1.0 / p).flatten(1)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p.item():.4f}, eps={self.eps}"
 
 
 @lru_cache(maxsize=256)
@@ -168,6 +139,8 @@ def build_pooling(name: str, gem_p: float = 3.0, rmac_levels: int = 3,
     if name == "max":
         return MaxPool()
     if name == "gem":
+        from model.net import GeM  # lazy: net.py imports this module
+
         return GeM(gem_p)
     if name == "rmac":
         return RMAC(levels=rmac_levels, normalize=rmac_normalize)

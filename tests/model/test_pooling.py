@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.pooling import GeM, RMAC, build_pooling, rmac_regions
+from model.net import GeM  # the network's GeM, reused by build_pooling("gem")
+from model.pooling import RMAC, build_pooling, rmac_regions
 
 
 def reference_rmac(x: torch.Tensor, L: int = 3, eps: float = 1e-6) -> torch.Tensor:
@@ -58,7 +59,8 @@ def test_build_pooling_names_and_bad_input():
     with pytest.raises(ValueError, match="unknown pooling"):
         build_pooling("sum")
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
-        GeM()(torch.rand(2, 8))
+        RMAC()(torch.rand(2, 8))
+    assert isinstance(build_pooling("gem", gem_p=4.0), GeM)
 
 
 def test_gem_limits_match_avg_and_max():
