@@ -14,7 +14,7 @@ re-ranking the expanded vectors (index.rerank.rerank does DBA, then QE, then k-r
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -30,8 +30,8 @@ vectors first, then re-rank the new vectors, or call `rerank` with a `RerankConf
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
