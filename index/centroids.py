@@ -151,9 +151,9 @@ def combine(parts: Iterable[PairSums], drop_empty: bool = True) -> PairSums:
     if len(dims) != 1:
         raise VectorFileError(f"partial sums differ in dimension: {sorted(dims)}")
     parts = [p for p in parts if len(p)] or parts[:1]
-    if len(parts) == 1:
+    if not len(parts[0]):
         merged = parts[0]
-    else:
+    else:  # always regroup: one part may hold several rows of a pair (concatenated partials)
         merged = partial_sums(
             np.concatenate([p.item_ids for p in parts]),
             np.concatenate([p.camera_ids for p in parts]),
@@ -284,3 +284,110 @@ def read_pair_sums(path: str) -> tuple[PairSums, str]:
     raw = (table.schema.metadata or {}).get(META_KEY)
     model = json.loads(raw)["model"] if raw else ""
     return combine([pair_sums_from_table(table, path)]), model
+
+
+# ---- Arrow batch functions for the distributed job (pipelines/centroids.py) -------------------
+# Stage 1 (per input batch): embeddings rows -> partial pair-sum rows with a hash bucket.
+# Stage 2 (per bucket, after a shuffle on `bucket`): partial rows -> one row per item, holding
+#   its centroid and its pairs (nested lists), so an item is never split between two batches.
+# Stage 3 (driver, streaming): item rows -> centroids rows + item_camera_sums rows.
+
+def bucket_of(item_ids: np.ndarray, buckets: int) -> np.ndarray:
+    """(N,) int32 bucket of each item id: a stable hash (crc32), the same on every node."""
+    import zlib
+
+    enc = pc.dictionary_encode(pa.array(np.asarray(item_ids, dtype=object), pa.string()))
+    uniq = enc.dictionary.to_pylist()
+    per = np.array([zlib.crc32(u.encode()) % buckets for u in uniq], dtype=np.int32)
+    return per[enc.indices.to_numpy(zero_copy_only=False)] if len(uniq) else np.empty(0, np.int32)
+
+
+def _fixed_list(x: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x).reshape(-1), value_type), x.shape[1])
+
+
+def _vectors(col, dtype=np.float32) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if not pa.types.is_fixed_size_list(col.type):
+        raise VectorFileError(f"embedding column is {col.type}, expected fixed_size_list<float32>[D]")
+    if col.null_count:
+        raise VectorFileError(f"{col.null_count} null embedding(s)")
+    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, col.type.list_size)
+
+
+def partial_table(batch: pa.Table, buckets: int) -> pa.Table:
+    """Embeddings batch (item_id, camera_id?, embedding) -> partial pair sums as Arrow:
+    bucket int32, item_id, camera_id int32 (null = unknown), sum fixed_size_list<float64>[D],
+    count int64. Raises VectorFileError on NaN/inf, null or empty item ids."""
+    items = batch.column("item_id")
+    if items.null_count or (len(items) and pc.any(pc.equal(items, "")).as_py()):
+        raise VectorFileError("embeddings have a row with an empty item_id")
+    x = _vectors(batch.column("embedding"))
+    cams = batch.column("camera_id") if "camera_id" in batch.schema.names else None
+    p = partial_sums(np.asarray(items.to_pylist(), dtype=object), camera_codes(cams, batch.num_rows), x)
+    return pa.table({
+        "bucket": pa.array(bucket_of(p.item_ids, buckets), pa.int32()),
+        "item_id": pa.array(p.item_ids, pa.string()),
+        "camera_id": pa.array(p.camera_ids.astype(np.int32), pa.int32(), mask=p.camera_ids == UNKNOWN_CAMERA),
+        "sum": _fixed_list(p.sums, pa.float64()),
+        "count": pa.array(p.counts, pa.int64()),
+    })
+
+
+def pair_sums_of_partial(table: pa.Table) -> PairSums:
+    return PairSums(np.asarray(table.column("item_id").to_pylist(), dtype=object),
+                    camera_codes(table.column("camera_id"), table.num_rows),
+                    _vectors(table.column("sum"), np.float64),
+                    np.asarray(table.column("count").to_numpy(zero_copy_only=False), np.int64))
+
+
+def item_rows_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("item_id", pa.string()),
+        pa.field("embedding", pa.list_(pa.float32(), dim)),
+        pa.field("count", pa.int32()),
+        pa.field("camera_ids", pa.list_(pa.int32())),
+        pa.field("pair_camera_ids", pa.list_(pa.int32())),
+        pa.field("pair_sums", pa.list_(pa.list_(pa.float64(), dim))),
+        pa.field("pair_counts", pa.list_(pa.int32())),
+    ])
+
+
+def combine_table(table: pa.Table) -> pa.Table:
+    """All partial rows of some items (one bucket) -> one row per item (item_rows_schema):
+    centroid, count, camera_ids, and the item's (camera, sum, count) pairs as nested lists."""
+    dim = table.schema.field("sum").type.list_size
+    if table.num_rows == 0:
+        return item_rows_schema(dim).empty_table()
+    p = combine([pair_sums_of_partial(table)])
+    c = finalize(p)
+    ids = p.item_ids.astype(str)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]).astype(np.int32)
+    offsets = pa.array(np.r_[starts, len(p)].astype(np.int32))
+    cams = pa.array(p.camera_ids.astype(np.int32), pa.int32(), mask=p.camera_ids == UNKNOWN_CAMERA)
+    return pa.Table.from_arrays([
+        pa.array(c.item_ids, pa.string()),
+        _fixed_list(c.embeddings, pa.float32()),
+        pa.array(c.counts, pa.int32()),
+        pa.array(c.camera_ids, pa.list_(pa.int32())),
+        pa.ListArray.from_arrays(offsets, cams),
+        pa.ListArray.from_arrays(offsets, _fixed_list(p.sums, pa.float64())),
+        pa.ListArray.from_arrays(offsets, pa.array(p.counts.astype(np.int32), pa.int32())),
+    ], schema=item_rows_schema(dim))
+
+
+def split_item_rows(table: pa.Table, model: str) -> tuple[pa.Table, pa.Table]:
+    """Item rows -> (centroids-contract table, item_camera_sums table), both with metadata."""
+    from index.vectors import centroids_schema
+
+    dim = table.schema.field("embedding").type.list_size
+    cents = table.select(["item_id", "embedding", "count", "camera_ids"]).cast(centroids_schema(dim, model))
+    parents = pc.list_parent_indices(table.column("pair_counts"))
+    sums = pa.table({
+        "item_id": table.column("item_id").take(parents),
+        "camera_id": pc.list_flatten(table.column("pair_camera_ids")),
+        "sum": pc.list_flatten(table.column("pair_sums")),
+        "count": pc.list_flatten(table.column("pair_counts")),
+    }).cast(sums_schema(dim, model))
+    return cents, sums
