@@ -279,3 +279,122 @@ def _check_dim(dim: int, input_dim: int) -> None:
     if not 1 <= int(dim) <= input_dim:
         raise WhiteningError(f"output dimension must be in 1..{input_dim} (the input dimension), "
                              f"got {dim}")
+
+
+# ------------------------------------------------------------------ embeddings / centroids files
+
+def whitened_model_id(model: str, dim: int) -> str:
+    """Model id of whitened vectors: '<model>+pcaw<dim>' (a different space from <model>)."""
+    return f"{model}+pcaw{int(dim)}"
+
+
+def fit_whitening_file(path: str, dim: int, power: float = 1.0, shrinkage: float = 0.0,
+                       split: str | None = "gallery", batch_size: int = 65536) -> PCAWhitening:
+    """Fit on an embeddings/centroids Parquet file or directory, streamed in batches.
+
+    split: use only rows of this split when the file has a `split` column (default "gallery",
+    so queries never leak into the transform); None uses every row.
+    """
+    import pyarrow.compute as pc
+
+    from index.vectors import iter_vector_batches, open_dataset, read_metadata
+
+    meta = read_metadata(open_dataset(path).schema, path)
+    acc = CovarianceAccumulator(meta.dim)
+    seen_split_column = False
+    for labels, vecs in iter_vector_batches(path, batch_size):
+        if split is not None and "split" in labels.schema.names:
+            seen_split_column = True
+            keep = pc.fill_null(pc.equal(labels.column("split"), split), False)
+            vecs = vecs[np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)]
+        acc.update(vecs)
+    if acc.n == 0:
+        what = f" of split {split!r}" if split is not None and seen_split_column else ""
+        raise WhiteningError(f"{path}: no vectors{what} to fit whitening on")
+    return whitening_from_moments(acc, dim, power, shrinkage, meta.model)
+
+
+def apply_whitening_file(src: str, dst: str, w: PCAWhitening, batch_size: int = 65536,
+                         rows_per_file: int = 1_000_000) -> int:
+    """Whiten every row of an embeddings/centroids Parquet file/dir into a new one; returns rows.
+
+    The output keeps every other column, its `embedding` becomes fixed_size_list<float32>[dim]
+    (re-L2-normalised) and its metadata names model '<model>+pcaw<dim>'. dst ending in
+    '.parquet' is one file (any pyarrow filesystem); otherwise a local directory of
+    part-NNNNN.parquet files. Written under a temporary name and renamed when complete.
+    """
+    import pyarrow as pa
+
+    from index.storage import atomic_dir, atomic_path
+    from index.vectors import (
+        META_KEY,
+        check_schema,
+        detect_kind,
+        embedding_type,
+        embeddings_to_arrow,
+        iter_vector_batches,
+        open_dataset,
+        vector_metadata,
+    )
+
+    if rows_per_file < 1:
+        raise WhiteningError("rows_per_file must be >= 1")
+    schema_in = open_dataset(src).schema
+    meta = check_schema(schema_in, detect_kind(schema_in), src)
+    if meta.dim != w.input_dim:
+        raise WhiteningError(f"{src}: dimension {meta.dim} does not match the whitening's input "
+                             f"dimension {w.input_dim}")
+    if w.model and meta.model != w.model:
+        raise WhiteningError(f"{src}: vectors of model {meta.model!r}, but the whitening was "
+                             f"fitted on model {w.model!r}")
+    metadata = dict(schema_in.metadata or {})
+    metadata[META_KEY] = vector_metadata(whitened_model_id(meta.model, w.dim), w.dim)
+    idx = schema_in.get_field_index("embedding")
+    schema = schema_in.set(idx, pa.field("embedding", embedding_type(w.dim), nullable=False))
+    schema = schema.with_metadata(metadata)
+
+    def batches():
+        for labels, vecs in iter_vector_batches(src, batch_size):
+            cols = {name: labels.column(name) for name in labels.schema.names}
+            cols["embedding"] = embeddings_to_arrow(w.apply(vecs))
+            yield pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
+
+    if dst.rstrip("/").endswith(".parquet"):
+        with atomic_path(dst) as (fs, tmp):
+            return _write_parquet_parts([tmp], fs, schema, batches(), None)
+    if "://" in dst:
+        raise WhiteningError(f"{dst}: directory outputs must be local; name a .parquet file "
+                             "to write to a remote filesystem")
+    with atomic_dir(dst) as tmp_dir:
+        import os
+
+        names = (os.path.join(tmp_dir, f"part-{i:05d}.parquet") for i in range(10 ** 6))
+        return _write_parquet_parts(names, None, schema, batches(), rows_per_file)
+
+
+def _write_parquet_parts(paths, fs, schema, batches, rows_per_file: int | None) -> int:
+    """Write record batches into the files `paths` yields, a new one every rows_per_file rows.
+    An empty input still gives one valid, empty file (a reader then sees 0 rows, not an error)."""
+    import pyarrow.parquet as pq
+
+    paths = iter(paths)
+    limit = rows_per_file or float("inf")
+    writer, in_file, total = None, 0, 0
+    try:
+        for batch in batches:
+            start = 0
+            while start < batch.num_rows:
+                if writer is None:
+                    writer, in_file = pq.ParquetWriter(next(paths), schema, filesystem=fs), 0
+                take = int(min(batch.num_rows - start, limit - in_file))
+                writer.write_batch(batch.slice(start, take))
+                start, in_file, total = start + take, in_file + take, total + take
+                if in_file >= limit:
+                    writer.close()
+                    writer = None
+        if total == 0:
+            writer = pq.ParquetWriter(next(paths), schema, filesystem=fs)
+    finally:
+        if writer is not None:
+            writer.close()
+    return total
