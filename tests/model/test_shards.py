@@ -2,6 +2,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -80,14 +81,14 @@ def test_bytes_equal_webdataset_tarwriter_and_are_deterministic(tmp_path):
                                "camera_id": 2, "split": "query", "path": "p"}, encoded(), "jpg")]
     (a,) = write_shards(ss, str(tmp_path / "a"), "query", shard_size=100)
     (b,) = write_shards(ss, str(tmp_path / "b"), "query", shard_size=100)
-    assert open(a, "rb").read() == open(b, "rb").read()
+    assert Path(a).read_bytes() == Path(b).read_bytes()
     buf = io.BytesIO()
     w = wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False,
                       compress=False, format="PAX_FORMAT")
     for r, d, e in ss:
         w.write({"__key__": key_for(r["image_id"]), e: d, "json": row_json(r)})
     w.close()
-    assert open(a, "rb").read() == buf.getvalue()
+    assert Path(a).read_bytes() == buf.getvalue()
     with tarfile.open(a) as t:
         for m in t.getmembers():
             assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o444)
@@ -106,7 +107,7 @@ def test_write_rejects_bad_input(tmp_path):
 def test_truncated_shard_yields_complete_samples_and_reports(tmp_path):
     ss = samples(rows(6))
     (path,) = write_shards(ss, str(tmp_path), "query", shard_size=10)
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     with tarfile.open(path) as t:
         cut = t.getmember(key_for(ss[3][0]["image_id"]) + "." + ss[3][2]).offset_data + 10
     bad = tmp_path / "cut-000000.tar"
