@@ -14,8 +14,8 @@ c_m = sum_j delta(s_j, m) and c+_m the same over the positives, the quantised AP
 and the loss is 1 - mean_q AP_Q. This follows the authors' `APLoss` (naver/deep-image-retrieval,
 `dirtorch/loss.py`), which builds the same kernels as a fixed 1x1 convolution.
 
-    loss_fn = APLoss(bins=20)
-    loss = loss_fn(embeddings, labels)   # each image a query against the rest of the batch
+    loss = ap_loss(embeddings, labels, bins=20)   # each image a query against the rest
+    loss = APLoss(bins=20)(embeddings, labels)    # the same as a module
 """
 from __future__ import annotations
 
@@ -66,6 +66,25 @@ def quantized_ap(scores: torch.Tensor, positives: torch.Tensor, valid: torch.Ten
     return (precision * recall).sum(dim=1)
 
 
+def ap_loss(embeddings: torch.Tensor, labels: torch.Tensor, bins: int = 20) -> torch.Tensor:
+    """1 - mean quantised AP of a batch, each image a query against the others (see APLoss).
+
+    embeddings: (B, D) float (normalised here); labels: (B,) int. Returns a scalar tensor.
+    """
+    if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
+        raise ValueError(f"AP loss expects embeddings (B, D) and labels (B,), got "
+                         f"{tuple(embeddings.shape)} and {tuple(labels.shape)}")
+    x = F.normalize(embeddings.float(), dim=1)
+    scores = x @ x.t()
+    eye = torch.eye(len(labels), dtype=torch.bool, device=x.device)
+    positives = (labels.view(-1, 1) == labels.view(1, -1)) & ~eye
+    ap = quantized_ap(scores, positives, valid=~eye, bins=bins)
+    has_pos = positives.any(dim=1)
+    if not bool(has_pos.any()):
+        return scores.sum() * 0.0  # zero, but still part of the graph (DDP stays in step)
+    return 1.0 - ap[has_pos].mean()
+
+
 class APLoss(nn.Module):
     """1 - mean quantised AP over a batch, each image a query against the other images.
 
@@ -82,18 +101,7 @@ class APLoss(nn.Module):
         self.bins = int(bins)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
-            raise ValueError(f"APLoss expects embeddings (B, D) and labels (B,), got "
-                             f"{tuple(embeddings.shape)} and {tuple(labels.shape)}")
-        x = F.normalize(embeddings.float(), dim=1)
-        scores = x @ x.t()
-        eye = torch.eye(len(labels), dtype=torch.bool, device=x.device)
-        positives = (labels.view(-1, 1) == labels.view(1, -1)) & ~eye
-        ap = quantized_ap(scores, positives, valid=~eye, bins=self.bins)
-        has_pos = positives.any(dim=1)
-        if not bool(has_pos.any()):
-            return scores.sum() * 0.0
-        return 1.0 - ap[has_pos].mean()
+        return ap_loss(embeddings, labels, self.bins)
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}"

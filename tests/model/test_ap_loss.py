@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.ap_loss import APLoss, quantize, quantized_ap
+from model.ap_loss import APLoss, ap_loss, quantize, quantized_ap
 
 
 def slow_kernel(s: float, m: int, bins: int) -> float:
@@ -51,6 +51,7 @@ def test_value_matches_slow_reference(bins):
     got = APLoss(bins)(emb, torch.tensor(labels))
     want = slow_batch_loss(emb, labels, bins)
     assert got.item() == pytest.approx(want, abs=1e-5)
+    assert ap_loss(emb, torch.tensor(labels), bins).item() == got.item()
     assert 0.0 < got.item() < 1.0
 
 
