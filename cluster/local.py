@@ -352,8 +352,10 @@ def local_head(num_cpus: int = 2, **kwargs) -> Iterator[LocalHead]:
 
 
 def _print_env(head: LocalHead) -> None:
+    # RAY_ADDRESS (GCS) lets `python pipelines/X.py` attach as a driver; the `ray job` CLI
+    # and JobSubmissionClient prefer RAY_API_SERVER_ADDRESS (the dashboard).
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": head.token_path,
-           "RAY_API_SERVER_ADDRESS": head.dashboard_url, "RAY_ADDRESS": head.dashboard_url}
+           "RAY_API_SERVER_ADDRESS": head.dashboard_url, "RAY_ADDRESS": head.gcs_address}
     for k, v in env.items():
         print(f"export {k}={shlex.quote(v)}")
 
