@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def clustered_vectors(num_query: int, num_gallery: int, dim: int, per_item: int, seed: int = 0,
@@ -93,6 +93,15 @@ def make_search(vectors: np.ndarray, kind: str, nlist: int, nprobe: int):
     return fn, time.perf_counter() - t
 
 
+def neighbour_recall(x: np.ndarray, search, k: int, sample: int = 300, seed: int = 2) -> float:
+    """Recall@k of `search` against brute force, over a sample of the rows of x (n, D)."""
+    rows = np.random.default_rng(seed).choice(len(x), min(sample, len(x)), replace=False)
+    _, ids = search(x[rows], k)
+    sims = x[rows] @ x.T
+    true = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ids, true)]))
+
+
 def metrics_at_k(ids: np.ndarray, query_items, gallery_items, k: int) -> dict:
     """mAP@k and Rank-1 from top-k lists (fashion rule: no cameras), via index.metrics."""
     from index import metrics as M
@@ -124,6 +133,7 @@ def part_scale(a) -> dict:
     t_data = time.perf_counter() - t0
     union = np.concatenate([q, g])
     search, t_build = make_search(union, a.index, a.nlist, a.nprobe)
+    recall = neighbour_recall(union, search, a.k1 + 1)
     rss_before = current_rss_bytes()
     t1 = time.perf_counter()
     res = k_reciprocal_sparse(q, g, a.k1, a.k2, a.lambda_value, topk=a.topk, search_fn=search,
@@ -132,7 +142,7 @@ def part_scale(a) -> dict:
     t_rerank = time.perf_counter() - t1
     peak = peak_rss_bytes()
     # plain search baseline over the gallery part of the same index
-    s, ids = search(q, a.topk + 1 + min(a.queries, a.topk))
+    _, ids = search(q, a.topk + 1 + min(a.queries, a.topk))
     ids = np.where(ids >= len(q), ids - len(q), -1)
     base = np.full((len(q), a.topk), -1, np.int64)
     for r in range(len(q)):
@@ -146,6 +156,7 @@ def part_scale(a) -> dict:
         "seconds_rerank": round(t_rerank, 2),
         "rss_before_rerank_gib": round(rss_before / 2**30, 3), "peak_rss_gib": round(peak / 2**30, 3),
         "certified_fraction": float(res.certified.mean()),
+        "neighbour_recall_at_k1+1": recall,
         "plain": metrics_at_k(base, qi, gi, a.topk),
         "kreciprocal": metrics_at_k(res.ids, qi, gi, a.topk),
     }
@@ -215,7 +226,7 @@ def main(argv=None) -> int:
                 args = [x for x in (argv if argv is not None else sys.argv[1:])]
                 args = [x for i, x in enumerate(args) if x != "--out" and (i == 0 or args[i - 1] != "--out")]
                 subprocess.run([sys.executable, __file__, *args, "--part", part, "--out", f.name], check=True)
-                results.append(json.load(open(f.name)))
+                results.append(json.loads(pathlib.Path(f.name).read_text()))
         out = {"agree": results[0], "scale": results[1]}
     else:
         out = part_scale(a) if a.part == "scale" else part_agree(a)
