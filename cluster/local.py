@@ -230,6 +230,10 @@ def start_head(num_cpus: int = 2, *, object_store_memory: int | None = None,
     dir (for `stop` without arguments). A failed start (e.g. a port taken between choosing
     and binding it) is cleaned up and retried with new ports.
     """
+    if int(num_cpus) < 0:
+        raise ValueError(f"num_cpus must be >= 0, got {num_cpus}")
+    if object_store_memory is not None and object_store_memory < 75 * 1024**2:
+        raise ValueError(f"object_store_memory must be at least 75 MiB, got {object_store_memory}")
     last_err = ""
     for _ in range(attempts):
         state_dir = tempfile.mkdtemp(prefix="cr-ray-", dir=base_dir)  # 0700
@@ -246,11 +250,15 @@ def start_head(num_cpus: int = 2, *, object_store_memory: int | None = None,
         # Output to a file, not a pipe: daemons forked by `ray start` could hold a pipe open.
         log_path = os.path.join(state_dir, "start.log")
         with open(log_path, "w") as log:
-            rc = subprocess.run(cmd, check=False, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, timeout=timeout).returncode
+            try:
+                rc = subprocess.run(cmd, check=False, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = f"timed out after {timeout:.0f}s"
         if rc != 0:
             lines = Path(log_path).read_text(errors="replace").strip().splitlines()
-            last_err = lines[-1] if lines else f"exit status {rc}"
+            last_err = rc if isinstance(rc, str) else lines[-1] if lines else f"exit status {rc}"
             _terminate(head_id)
             shutil.rmtree(state_dir, ignore_errors=True)
             continue

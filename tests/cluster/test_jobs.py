@@ -210,6 +210,14 @@ def test_head_env_and_start_command_are_private(monkeypatch):
         assert cmd[cmd.index(flag) + 1] == str(value)
 
 
+def test_start_refuses_bad_sizes_before_starting_anything(tmp_path):
+    with pytest.raises(ValueError, match="num_cpus"):
+        local.start_head(-1, base_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="object_store_memory"):
+        local.start_head(1, object_store_memory=1000, base_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stop_signals_only_processes_carrying_its_marker():
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     ours = subprocess.Popen(sleeper, env={**os.environ, local.MARKER_ENV: "mine-123"})
