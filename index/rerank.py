@@ -290,26 +290,29 @@ def k_reciprocal_from_embeddings(query: np.ndarray, gallery: np.ndarray, k1: int
     """Exact re-ranking of L2-normalised vectors. query: (Q, D), gallery: (G, D) float32.
 
     Equals ``k_reciprocal_exact(sqrt(2 - 2 q.g), sqrt(2 - 2 q.q), sqrt(2 - 2 g.g))`` (original
-    distance 2 - 2 cos). gallery_keep: optional (G,) bool, False for items that take no part
-    (junk, item "-1"): they are left out of the union and get +inf in the result.
+    distance 2 - 2 cos) up to float32 rounding, holding one (Q+G)^2 float32 matrix.
+    gallery_keep: optional (G,) bool, False for items that take no part (junk, item "-1"):
+    they are left out of the union and get +inf in the result.
     Returns (Q, G) float32 final distances (smaller is nearer).
     """
+    _check_params(k1, k2, lambda_value)
     query = np.ascontiguousarray(query, np.float32)
     gallery = np.ascontiguousarray(gallery, np.float32)
+    _check_pair(query, gallery)
     keep = _keep_rows(gallery_keep, len(gallery))
     kept = gallery[keep] if keep is not None else gallery
 
-    def euclid(a, b, same):
-        d = a @ b.T
-        d *= -2
-        d += 2
-        np.maximum(d, 0, out=d)
-        if same:  # a point's distance to itself is 0, whatever the rounding of |x|^2
-            np.fill_diagonal(d, 0)
-        return np.sqrt(d, out=d)
-
-    final = k_reciprocal_exact(euclid(query, kept, False), euclid(query, query, True),
-                               euclid(kept, kept, True), k1, k2, lambda_value)
+    # The union matrix 2 - 2 x.x^T, built in place (one (Q+G)^2 float32 array). It is symmetric,
+    # so the reference's column maxima are its row maxima and its transpose is itself.
+    x = np.concatenate([query, kept])
+    dist = np.matmul(x, x.T)
+    dist *= -2.0
+    dist += 2.0
+    np.maximum(dist, 0.0, out=dist)
+    np.fill_diagonal(dist, 0.0)  # a point's distance to itself is 0, whatever |x|^2 rounds to
+    dist /= np.maximum(dist.max(axis=1, keepdims=True), np.float32(1e-30))
+    final = _exact_from_original(dist, len(query), k1, k2, lambda_value)
+    del dist
     if keep is None:
         return final
     out = np.full((len(query), len(gallery)), np.inf, np.float32)
@@ -411,6 +414,15 @@ def _keep_rows(gallery_keep, g: int) -> np.ndarray | None:
     return None if keep.all() else keep
 
 
+def _check_pair(query: np.ndarray, gallery: np.ndarray) -> None:
+    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query {query.shape} and gallery {gallery.shape} must be (n, D) with the same D")
+    if len(gallery) == 0:
+        raise ValueError("gallery is empty")
+    if not (np.isfinite(query).all() and np.isfinite(gallery).all()):
+        raise ValueError("query or gallery vectors contain NaN or inf")
+
+
 def _check_params(k1, k2, lambda_value):
     if k1 < 1 or k2 < 1:
         raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
@@ -439,8 +451,7 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     _check_params(k1, k2, lambda_value)
     query = np.ascontiguousarray(query, np.float32)
     gallery = np.ascontiguousarray(gallery, np.float32)
-    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"query {query.shape} and gallery {gallery.shape} must be (n, D) with the same D")
+    _check_pair(query, gallery)
     keep = _keep_rows(gallery_keep, len(gallery))
     gallery_rows = np.flatnonzero(keep) if keep is not None else np.arange(len(gallery))
     x = np.concatenate([query, gallery[gallery_rows]]) if keep is not None else np.concatenate([query, gallery])

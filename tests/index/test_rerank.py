@@ -209,6 +209,12 @@ def test_sparse_constant_normaliser_and_short_lists():
     assert (np.diff(res.distances[:, :12], axis=1) >= 0).all()
     with pytest.raises(ValueError, match="same D"):
         k_reciprocal_sparse(q, g[:, :3])
+    bad = g.copy()
+    bad[3, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        k_reciprocal_from_embeddings(q, bad)
+    with pytest.raises(ValueError, match="empty"):
+        k_reciprocal_sparse(q, g[:0])
 
 
 def test_sparse_memory_scales_linearly():
