@@ -311,3 +311,34 @@ def manifest_sample_table(rows: Sequence[dict], root: str) -> pa.Table:
 
 def default_threads() -> int:
     return max(1, (os.cpu_count() or 1))
+
+
+# ---- Ray Data stage functions (plain functions of Arrow tables; Ray only calls them) ----------
+
+def shard_batch_to_samples(batch: pa.Table, split: str | None = None,
+                           previous_keys: np.ndarray | None = None, chunk: int = 256):
+    """map_batches over a table of shard urls (column `url`) -> sample tables of <= `chunk` rows,
+    unchanged images marked carried (see mark_carried)."""
+    for t in samples_from_shards(batch.column("url").to_pylist(), split=split, chunk=chunk):
+        yield mark_carried(t, previous_keys)
+
+
+def manifest_batch_to_samples(batch: pa.Table, root: str,
+                              previous_keys: np.ndarray | None = None) -> pa.Table:
+    """map_batches over manifest rows -> sample table (images read from root/path)."""
+    rows = batch.select(["image_id", "item_id", "camera_id", "split", "path"]).to_pylist()
+    return mark_carried(manifest_sample_table(rows, root), previous_keys)
+
+
+def split_embedded(table: pa.Table) -> tuple[pa.Table, pa.Table, np.ndarray]:
+    """Embedded table -> (embedded rows (LABEL_COLUMNS, content_hash, embedding), error rows
+    (image_id, reason), (C,) int64 row_keys of carried rows)."""
+    import pyarrow.compute as pc
+
+    carry = table.column("carry")
+    err = pc.is_valid(table.column("error"))
+    ok = pc.and_(pc.is_valid(table.column("embedding")), pc.invert(carry))
+    good = table.filter(ok).select([*LABEL_COLUMNS, "content_hash", "embedding"])
+    errors = table.filter(err).select(["image_id", "error"]).rename_columns(["image_id", "reason"])
+    carried = table.filter(carry)
+    return good, errors, row_keys(carried) if carried.num_rows else np.empty(0, np.int64)

@@ -79,7 +79,16 @@ def test_centroids_equal_numpy_reference(tmp_path, ray_local):
     assert (out / "centroids.parquet").exists()
 
 
-def test_bad_inputs_exit_2_with_one_line(tmp_path):
+def run_inprocess(capsys, *args):
+    from pipelines._cli import run_main
+    from pipelines.centroids import main
+
+    with pytest.raises(SystemExit) as e:
+        run_main(main, list(args))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     write_embeddings(tmp_path / "emb", n=40, items=5, files=1)
     r = run("--embeddings", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
@@ -88,11 +97,11 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
 
     t = pa.table({"item_id": ["a"], "x": [1]})
     pq.write_table(t, tmp_path / "wrong.parquet")
-    r = run("--embeddings", str(tmp_path / "wrong.parquet"), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "missing column" in r.stderr and r.stderr.strip().count("\n") == 0
+    code, err = run_inprocess(capsys, "--embeddings", str(tmp_path / "wrong.parquet"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "missing column" in err and err.strip().count("\n") == 0
     # an empty embeddings file
     empty = make_embeddings_table([], [], [], [], np.zeros((0, 8), np.float32), "m")
     pq.write_table(empty, tmp_path / "empty.parquet")
-    r = run("--embeddings", str(tmp_path / "empty.parquet"), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "no embeddings rows" in r.stderr
+    code, err = run_inprocess(capsys, "--embeddings", str(tmp_path / "empty.parquet"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "no embeddings rows" in err
     assert not (tmp_path / "o").exists()

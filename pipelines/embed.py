@@ -1,0 +1,260 @@
+"""Embed a gallery with Ray Data: shards (or manifest + images) -> embeddings Parquet.
+
+    python pipelines/embed.py --model MODEL_DIR --shards 'out/shards/gallery-*.tar' --out out/emb
+    python pipelines/embed.py --model MODEL_DIR --manifest out/manifest.parquet --root DATA --out out/emb
+
+Reading tasks stream the shards (model.shards reader) or the manifest's files and hash each
+image's bytes; an actor pool (one actor per GPU with fp16 + channels_last, CPU actors
+otherwise) loads the model once per actor and decodes, preprocesses and embeds batches
+(model.embedding). Our own decoding turns a corrupt image into a row of OUT/_errors.parquet
+(image_id, reason), never a failed job.
+
+OUT (replaced atomically, only when complete) holds
+  part-NNNNN.parquet  the embeddings contract (+ a content_hash column: sha256 of the bytes)
+  _errors.parquet     images that could not be embedded (image_id, reason); the leading "_"
+                      keeps it out of readers that open OUT as one Parquet dataset
+  _embed.json         counts (embedded, carried, errors), model id, seconds
+--incremental PREVIOUS_OUT carries over rows whose image id, bytes (content hash), labels and
+model are unchanged; only new or changed images go through the model.
+"""
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
+
+import argparse
+import json
+import time
+
+from pipelines._cli import add_ray_arguments, init_ray, run_main
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments become a one-line `error: ...` with exit 2 (via run_main)."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory (model.pt + config.json)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="shards: a glob, a shards folder or a make_shards output folder")
+    src.add_argument("--manifest", help="manifest Parquet; images are read from --root/<path>")
+    p.add_argument("--root", help="dataset root for --manifest")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
+    p.add_argument("--split", default=None, help="embed only this split (e.g. gallery); default all")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--actors", type=int, default=0,
+                   help="model actors (default: one per GPU, else one per 4 CPUs, at least 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per CPU actor (default: CPUs / actors)")
+    p.add_argument("--decode-threads", type=int, default=2, help="image decode threads per actor")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: GPU actors when the cluster has GPUs, else CPU")
+    p.add_argument("--incremental", default=None, metavar="PREVIOUS_OUT",
+                   help="carry over unchanged rows of this earlier embed output")
+    p.add_argument("--rows-per-file", type=int, default=200_000, help="rows per output part file")
+    add_ray_arguments(p)
+    return p
+
+
+def _previous_keys(prev: str, model_id: str):
+    """Sorted (P,) int64 row keys of an earlier output made by the same model (else empty)."""
+    import numpy as np
+
+    from index.vectors import check_schema, open_dataset
+    from model.embedding import LABEL_COLUMNS, row_keys
+
+    ds = open_dataset(prev)
+    meta = check_schema(ds.schema, "embeddings", prev)
+    if meta.model != model_id:
+        print(f"embed: --incremental {prev} was made by model {meta.model}, not {model_id}: "
+              "nothing carried", flush=True)
+        return np.empty(0, np.int64)
+    if "content_hash" not in ds.schema.names:
+        print(f"embed: --incremental {prev} has no content_hash column: nothing carried", flush=True)
+        return np.empty(0, np.int64)
+    keys = [row_keys(b) for b in ds.to_batches(columns=[*LABEL_COLUMNS, "content_hash"]) if b.num_rows]
+    return np.sort(np.concatenate(keys)) if keys else np.empty(0, np.int64)
+
+
+def _copy_carried(prev: str, carried, write) -> int:
+    """Stream the previous output and write its rows whose key is in `carried` (sorted int64)."""
+    import numpy as np
+
+    from index.vectors import open_dataset
+    from model.embedding import row_keys
+
+    n = 0
+    if len(carried) == 0:
+        return 0
+    for b in open_dataset(prev).to_batches(batch_size=8192):
+        keys = row_keys(b)
+        pos = np.clip(np.searchsorted(carried, keys), 0, len(carried) - 1)
+        keep = carried[pos] == keys
+        if keep.any():
+            import pyarrow as pa
+
+            write(pa.Table.from_batches([b]).filter(pa.array(keep)))
+            n += int(keep.sum())
+    return n
+
+
+class _PartWriter:
+    """Rows of the output schema -> part-NNNNN.parquet files of <= rows_per_file rows."""
+
+    def __init__(self, directory: str, schema, rows_per_file: int):
+        self.dir, self.schema, self.limit = directory, schema, rows_per_file
+        self.writer, self.parts, self.in_part, self.rows = None, 0, 0, 0
+
+    def write(self, table) -> None:
+        import pyarrow.parquet as pq
+
+        table = table.select(self.schema.names).cast(self.schema)
+        start = 0
+        while start < table.num_rows:
+            if self.writer is None or self.in_part >= self.limit:
+                self.close()
+                self.writer = pq.ParquetWriter(f"{self.dir}/part-{self.parts:05d}.parquet", self.schema)
+                self.parts += 1
+                self.in_part = 0
+            take = min(table.num_rows - start, self.limit - self.in_part)
+            self.writer.write_table(table.slice(start, take))
+            start += take
+            self.in_part += take
+            self.rows += take
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from index.storage import atomic_dir
+    from index.vectors import embeddings_schema
+    from model import embedding as E
+    from model.checkpoint import load_model
+
+    if args.manifest and not args.root:
+        raise ValueError("--manifest needs --root (the folder the manifest paths are relative to)")
+    for name in ("batch_size", "rows_per_file", "decode_threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    _net, cfg, model_id = load_model(args.model)  # validates the model before any work
+    del _net
+    dim = int(cfg.embedding_dim)
+    schema = embeddings_schema(dim, model_id).append(pa.field("content_hash", pa.string()))
+
+    if args.shards:
+        from model.shards import list_shards
+
+        urls = list_shards(args.shards, split=args.split)
+        if not urls:
+            raise FileNotFoundError(f"no shards match {args.shards}" + (f" for split {args.split}" if args.split else ""))
+        what = f"{len(urls)} shard(s)"
+    else:
+        import os
+
+        from model.manifest import read_manifest
+
+        if "://" not in args.root and not os.path.isdir(args.root):
+            raise FileNotFoundError(f"--root is not a directory: {args.root}")
+        manifest = read_manifest(args.manifest)
+        if args.split:
+            manifest = manifest.filter(pc.equal(manifest.column("split"), args.split))
+        if manifest.num_rows == 0:
+            raise ValueError(f"{args.manifest}: no rows" + (f" of split {args.split}" if args.split else ""))
+        what = f"{manifest.num_rows} manifest row(s)"
+    prev_keys = _previous_keys(args.incremental, model_id) if args.incremental else None
+
+    init_ray(args.address, args.num_cpus)
+    import ray
+    import ray.data
+
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
+    use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
+    if use_gpu and gpus == 0:
+        raise RuntimeError("--device cuda but the Ray cluster has no GPU")
+    actors = args.actors or (gpus if use_gpu else max(1, cpus // 4))
+    threads = args.threads or max(1, cpus // actors)
+    if use_gpu:
+        actor_res = {"num_gpus": 1, "num_cpus": 1}
+    else:  # leave a CPU to the reading tasks so a small cluster never deadlocks
+        actor_res = {"num_cpus": max(1, min(threads, cpus - 1))}
+    print(f"embed: model {model_id} (dim {dim}), {what}, {actors} {'GPU' if use_gpu else 'CPU'} actor(s), "
+          f"{threads} thread(s), batch {args.batch_size}"
+          + (f", {len(prev_keys)} previous rows to compare" if prev_keys is not None else ""), flush=True)
+
+    if args.shards:
+        ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
+        ds = ds.map_batches(E.shard_batch_to_samples, batch_size=1, batch_format="pyarrow",
+                            fn_kwargs={"split": args.split, "previous_keys": prev_keys,
+                                       "chunk": max(args.batch_size, 64)})
+    else:
+        blocks = max(1, min(manifest.num_rows // 256, 10_000))
+        ds = ray.data.from_arrow(manifest).repartition(blocks)
+        ds = ds.map_batches(E.manifest_batch_to_samples, batch_size=256, batch_format="pyarrow",
+                            fn_kwargs={"root": args.root, "previous_keys": prev_keys})
+    ds = ds.map_batches(
+        E.EmbedBatch, batch_size=args.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs={"model_dir": args.model, "device": "cuda" if use_gpu else "cpu",
+                               "threads": None if use_gpu else threads,
+                               "decode_threads": args.decode_threads},
+        **actor_res)
+
+    t0 = time.perf_counter()
+    errors: list = []
+    carried: list = []
+    embedded = 0
+    last = t0
+    with atomic_dir(args.out) as tmp:
+        writer = _PartWriter(tmp, schema, args.rows_per_file)
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                good, errs, keys = E.split_embedded(batch)
+                if good.num_rows:
+                    writer.write(good)
+                    embedded += good.num_rows
+                if errs.num_rows:
+                    errors.append(errs)
+                carried.append(keys)
+                now = time.perf_counter()
+                if now - last > 10:
+                    last = now
+                    print(f"embed: {embedded} embedded ({embedded / (now - t0):.1f} img/s), "
+                          f"{sum(len(k) for k in carried)} unchanged, "
+                          f"{sum(e.num_rows for e in errors)} error(s)", flush=True)
+            carried_keys = np.unique(np.concatenate(carried)) if carried else np.empty(0, np.int64)
+            n_carried = _copy_carried(args.incremental, carried_keys, writer.write) if args.incremental else 0
+        finally:
+            writer.close()
+        error_table = (pa.concat_tables(errors) if errors else
+                       pa.table({"image_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}))
+        if writer.rows == 0:
+            first = error_table.column("reason")[0].as_py() if error_table.num_rows else "no images"
+            raise ValueError(f"nothing embedded: {error_table.num_rows} error(s), first: {first}")
+        pq.write_table(error_table, f"{tmp}/_errors.parquet")
+        seconds = time.perf_counter() - t0
+        summary = {"model": model_id, "dim": dim, "embedded": embedded, "carried": n_carried,
+                   "errors": error_table.num_rows, "rows": writer.rows, "files": writer.parts,
+                   "seconds": round(seconds, 3)}
+        with open(f"{tmp}/_embed.json", "w") as f:
+            json.dump(summary, f, indent=2)
+    print(f"embed: {embedded} embedded, {n_carried} carried over unchanged, {error_table.num_rows} error(s) "
+          f"in {seconds:.1f}s ({embedded / max(seconds, 1e-9):.1f} img/s) -> {args.out}", flush=True)
+    for image_id, reason in list(zip(error_table.column("image_id").to_pylist(),
+                                     error_table.column("reason").to_pylist()))[:5]:
+        print(f"embed: skipped {image_id}: {reason}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
