@@ -1,0 +1,420 @@
+"""Train the CTL re-identification model on WebDataset shards with Ray Train (DDP).
+
+Reads <shards>/<split>-NNNNNN.tar (train; query and gallery for validation), trains
+ReIDNet with CE + triplet + CTL + center loss on identity-balanced P x M batches (each
+worker gets its own P items per step), checkpoints every epoch through ray.train.report
+(model, both optimisers, center-loss state, epoch, config) and writes the final model
+directory (model.pt + config.json) that embed.py loads.
+
+Re-running with the same --name and --storage-path resumes from the last checkpoint;
+a worker that dies is restarted from it (up to --max-failures times).
+
+Configuration: --config YAML (sections model, data, train, run; see model/config.py),
+then --set section.key=value overrides, then the explicit options below (highest priority).
+
+Example (CPU, 2 workers, ImageNet Lite0 start):
+    python pipelines/train.py --shards outputs/market/shards --backbone efficientnet_lite0 \\
+        --pretrained lite0-imagenet --input-size 128 64 --epochs 60 --num-workers 2 \\
+        --name market-ctl --output outputs/models/market-ctl
+"""
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+from pipelines._cli import add_ray_arguments, init_ray, run_main
+
+STATE_FILE = "state.pt"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments become a one-line `error: ...` with exit 2 (via run_main)."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+# (option, config key, type, help)
+SHORTCUTS = [
+    ("--shards", "data.shards", str, "folder of <split>-NNNNNN.tar shards (local or URI)"),
+    ("--train-split", "data.train_split", str, "split name of the training shards (train)"),
+    ("--query-split", "data.query_split", str, "split name of the validation queries (query)"),
+    ("--gallery-split", "data.gallery_split", str, "split name of the validation gallery (gallery)"),
+    ("--P", "data.P", int, "items per batch per worker (16)"),
+    ("--M", "data.M", int, "images per item (4); items with fewer use all theirs"),
+    ("--loader-threads", "data.loader_threads", int, "decode/augment threads per worker (2)"),
+    ("--backbone", "model.backbone", str,
+     "resnet18 | resnet34 | resnet50 | resnet50_ibn_a | efficientnet_lite0 (resnet50)"),
+    ("--pooling", "model.pooling", str, "avg | gem (avg)"),
+    ("--last-stride", "model.last_stride", int, "stride of the last backbone stage, 1 or 2 (1)"),
+    ("--pretrained", "train.pretrained", str,
+     "start weights: lite0-imagenet, a state-dict file or a model directory (none)"),
+    ("--epochs", "train.epochs", int, "epochs (120)"),
+    ("--steps-per-epoch", "train.steps_per_epoch", int,
+     "steps per epoch; 0 = one pass over all training items (0)"),
+    ("--lr", "train.lr", float, "Adam learning rate (3.5e-4)"),
+    ("--warmup-epochs", "train.warmup_epochs", int, "linear warm-up epochs (10)"),
+    ("--ctl-weight", "train.ctl_weight", float, "CTL weight; 0 switches CTL off (1.0)"),
+    ("--triplet-weight", "train.triplet_weight", float, "batch-hard triplet weight (1.0)"),
+    ("--center-weight", "train.center_weight", float, "center loss weight; 0 = off (5e-4)"),
+    ("--accum-steps", "train.accum_steps", int, "batches per optimiser step (1)"),
+    ("--seed", "train.seed", int, "random seed (0)"),
+    ("--eval-every", "train.eval_every", int,
+     "validate every N epochs; 0 = after the last epoch only; -1 = never (0)"),
+    ("--name", "run.name", str, "run name; same name + storage path = resume (ctl)"),
+    ("--storage-path", "run.storage_path", str,
+     "where Ray Train keeps checkpoints (outputs/ray_results; local or URI)"),
+    ("--output", "run.output", str, "final model directory (<storage-path>/<name>/model)"),
+    ("--num-workers", "run.num_workers", int, "training workers (DDP ranks) (2)"),
+    ("--use-gpu", "run.use_gpu", str, "auto | true | false (auto: if the cluster has GPUs)"),
+    ("--cpus-per-worker", "run.cpus_per_worker", int, "CPUs reserved per worker (1)"),
+    ("--max-failures", "run.max_failures", int, "worker-group restarts from the last checkpoint (2)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file with sections model/data/train/run")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set train.margin=0.3 (repeatable)")
+    p.add_argument("--input-size", nargs=2, type=int, default=None, metavar=("H", "W"),
+                   help="network input height and width (256 128)")
+    p.add_argument("--no-ctl", action="store_true", help="switch CTL off (same as --ctl-weight 0)")
+    for opt, key, tp, help_text in SHORTCUTS:
+        p.add_argument(opt, dest=key.replace(".", "__"), type=tp, default=None,
+                       help=f"{help_text} [{key}]")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as JSON and exit")
+    add_ray_arguments(p)
+    return p
+
+
+def resolve_config(args):
+    """Parsed arguments -> validated Config (YAML < --set < explicit options)."""
+    from model.config import load_config
+
+    overrides = list(args.set)
+    for _, key, _, _ in SHORTCUTS:
+        value = getattr(args, key.replace(".", "__"))
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}" if isinstance(value, str) and value == ""
+                             else f"{key}={value}")
+    if args.input_size:
+        overrides.append(f"model.input_size=[{args.input_size[0]}, {args.input_size[1]}]")
+    if args.no_ctl:
+        overrides.append("train.ctl_weight=0")
+    return load_config(args.config, overrides)
+
+
+# ------------------------------------------------------------------------------ the worker
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build, maybe resume, then train/validate/checkpoint each epoch."""
+    import dataclasses
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from model.checkpoint import build_model, load_pretrained
+    from model.config import Config, from_dict
+    from model.data import BatchLoader
+    from model.losses import CenterLoss
+    from model.sampler import ShardReader, iter_plan_rows, plan_epoch
+    from model.training import build_optimizers, restore_training_state, train_epoch, training_state
+    from model.transforms import train_transform
+
+    cfg = from_dict(Config, config["cfg"])
+    mcfg, dcfg, tcfg = cfg.model, cfg.data, cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
+
+    def log(msg):
+        if rank == 0:
+            print(msg, flush=True)
+
+    torch.manual_seed(tcfg.seed)  # same initial network and centers on every rank
+    net = build_model(mcfg)
+    center = CenterLoss(mcfg.num_classes, mcfg.embedding_dim) if tcfg.center_weight > 0 else None
+    checkpoint = ray.train.get_checkpoint()
+    if tcfg.pretrained and checkpoint is None:
+        report = load_pretrained(net, tcfg.pretrained)
+        log(report.summary())
+    net.to(device)
+    if center is not None:
+        center.to(device)
+    if on_gpu and tcfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    opt, copt = build_optimizers(net, center, tcfg)
+    scaler = torch.amp.GradScaler("cuda") if on_gpu and tcfg.amp else None
+    start = 0
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
+        start = restore_training_state(state, net, center, opt, copt, scaler)
+        log(f"resumed from checkpoint after epoch {start - 1}")
+    net = ray.train.torch.prepare_model(
+        net, parallel_strategy_kwargs={"find_unused_parameters": tcfg.ce_weight <= 0})
+
+    train_index, items = config["train_index"], config["items"]
+    reader = ShardReader(train_index)
+    tf = train_transform(mcfg)
+    for epoch in range(start, tcfg.epochs):
+        _maybe_fail(config, epoch, rank, world)
+        torch.manual_seed(tcfg.seed * 100003 + epoch * 101 + rank)  # augmentation stream
+        plan = plan_epoch(items, dcfg.P, dcfg.M, world, rank, tcfg.seed, epoch,
+                          tcfg.steps_per_epoch)
+        loader = BatchLoader(train_index, iter_plan_rows(plan), tf, threads=dcfg.loader_threads,
+                             max_pixels=dcfg.max_pixels, reader=reader)
+        stats = train_epoch(net, center, opt, copt, loader, tcfg, epoch, device=str(device),
+                            scaler=scaler, channels_last=on_gpu and tcfg.channels_last)
+        metrics = _global_stats(stats, len(loader.skipped), device)
+        metrics["epoch"] = epoch
+        metrics["resumed_at"] = start
+        last = epoch == tcfg.epochs - 1
+        if config["eval"] and (last or (tcfg.eval_every > 0 and (epoch + 1) % tcfg.eval_every == 0)):
+            metrics.update(_validate(net, config, cfg, rank, world, device, on_gpu))
+        log(format_epoch(metrics))
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                state = training_state(net, center, opt, copt, scaler, epoch,
+                                       dataclasses.asdict(cfg))
+                torch.save(state, os.path.join(tmp, STATE_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+    reader.close()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _maybe_fail(config: dict, epoch: int, rank: int, world: int) -> None:
+    """Fault-injection hook for tests and drills: with CR_TRAIN_FAIL_AT_EPOCH=N set for the
+    job, the last rank kills its own process at the start of epoch N, once per run (a marker
+    file in the run's storage folder remembers it), so the restarted group must resume from
+    the checkpoint of epoch N-1."""
+    if config.get("fail_at_epoch") != epoch or rank != world - 1:
+        return
+    marker = config["fail_marker"]
+    if os.path.exists(marker):
+        return
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(f"killed rank {rank} at the start of epoch {epoch}\n")
+    print(f"fault injection: rank {rank} exits at the start of epoch {epoch}", flush=True)
+    time.sleep(2.0)  # let the controller register the previous epoch's checkpoint first
+    os._exit(1)
+
+
+def _global_stats(stats, skipped: int, device) -> dict:
+    """This rank's EpochStats -> metrics over all ranks (mean losses, total images/s)."""
+    import torch
+    import torch.distributed as dist
+
+    names = sorted(stats.losses)
+    vals = torch.tensor([stats.losses[k] for k in names] + [stats.images, skipped, stats.steps],
+                        dtype=torch.float64, device=device)
+    secs = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
+    world = 1
+    if dist.is_initialized():
+        world = dist.get_world_size()
+        dist.all_reduce(vals)
+        dist.all_reduce(secs, op=dist.ReduceOp.MAX)
+    vals, secs = vals.cpu().tolist(), float(secs.item())
+    out = {f"loss_{k}": vals[i] / world for i, k in enumerate(names)}
+    images, skipped_all, steps = vals[len(names):]
+    out.update(lr=stats.lr, steps=int(steps / world), images=int(images),
+               skipped_images=int(skipped_all), epoch_seconds=round(secs, 2),
+               images_per_s=round(images / secs, 2) if secs > 0 else 0.0)
+    return out
+
+
+def _validate(net, config, cfg, rank, world, device, on_gpu) -> dict:
+    """Embed query + gallery (rows split over ranks), gather on all ranks, score on rank 0."""
+    import numpy as np
+    import torch.distributed as dist
+
+    from model.data import embed_rows
+    from model.transforms import eval_transform
+
+    t0 = time.perf_counter()
+    tf = eval_transform(cfg.model)
+    parts = {}
+    for side in ("query", "gallery"):
+        idx = config[f"{side}_index"]
+        rows = np.arange(rank, len(idx), world)
+        parts[side] = embed_rows(net, idx, rows, tf, batch_size=cfg.train.eval_batch_size,
+                                 device=str(device), threads=cfg.data.loader_threads,
+                                 max_pixels=cfg.data.max_pixels, channels_last=on_gpu,
+                                 amp=on_gpu and cfg.train.amp)
+    if dist.is_initialized() and world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, parts)
+    else:
+        gathered = [parts]
+    if rank != 0:
+        return {}
+    out = {}
+    merged = {}
+    for side in ("query", "gallery"):
+        rows = np.concatenate([g[side][0] for g in gathered])
+        emb = np.concatenate([g[side][1] for g in gathered])
+        order = np.argsort(rows, kind="stable")
+        merged[side] = (rows[order], emb[order])
+    out.update(reid_metrics(config["query_index"], config["gallery_index"], merged))
+    out["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def reid_metrics(qidx, gidx, merged) -> dict:
+    """Instance and centroid mAP / Rank-1 (DESIGN evaluation protocol via index.metrics)."""
+    from index import metrics as M
+
+    qrows, q = merged["query"]
+    grows, g = merged["gallery"]
+    qc, gc = qidx.camera_id[qrows], gidx.camera_id[grows]
+    cams = (qc >= 0).any() or (gc >= 0).any()
+    codes = M.encode_labels(qidx.item_id[qrows], gidx.item_id[grows],
+                            qc if cams else None, gc if cams else None)
+    inst = M.summarize(M.evaluate_instances(q, g, codes))
+    cent = M.summarize(M.evaluate_centroids(
+        q, codes, M.item_sums(g, codes.gallery_items, codes.gallery_cams)))
+    return {"instance_mAP": inst["mAP"], "instance_rank1": inst["cmc"]["1"],
+            "centroid_mAP": cent["mAP"], "centroid_rank1": cent["cmc"]["1"],
+            "num_valid_queries": inst["num_valid_queries"]}
+
+
+def format_epoch(m: dict) -> str:
+    losses = " ".join(f"{k[5:]}={m[k]:.4f}" for k in sorted(m) if k.startswith("loss_"))
+    line = (f"epoch {m['epoch']}: {losses} lr={m['lr']:.2e} steps={m['steps']} "
+            f"images={m['images']} {m['images_per_s']:.1f} img/s ({m['epoch_seconds']:.1f}s)")
+    if m.get("skipped_images"):
+        line += f" skipped={m['skipped_images']}"
+    if "instance_mAP" in m:
+        line += (f" | instance mAP={m['instance_mAP']:.4f} R1={m['instance_rank1']:.4f}"
+                 f" centroid mAP={m['centroid_mAP']:.4f} R1={m['centroid_rank1']:.4f}")
+    return line
+
+
+# ------------------------------------------------------------------------------ the driver
+
+def prepare_data(cfg) -> dict:
+    """Index the shards (tar headers + JSON rows only) and fix the class count."""
+    from model.sampler import eligible_items, index_shards
+    from model.shards import list_shards
+
+    if not cfg.data.shards:
+        raise ValueError("no shards given (--shards or data.shards)")
+    train_urls = list_shards(cfg.data.shards, cfg.data.train_split)
+    if not train_urls:
+        raise FileNotFoundError(f"no {cfg.data.train_split}-NNNNNN.tar shards in {cfg.data.shards}")
+    train_index = index_shards(train_urls)
+    items = eligible_items(train_index.item_id, cfg.data.min_images)
+    n_all = len(set(train_index.item_id.tolist()))
+    print(f"train: {len(train_index)} images, {n_all} items, {len(items)} with >= "
+          f"{cfg.data.min_images} images ({n_all - len(items)} skipped)", flush=True)
+    need = cfg.data.P * cfg.run.num_workers
+    if len(items) < need:
+        raise ValueError(f"need at least P x num_workers = {need} training items, have {len(items)}")
+    out = {"train_index": train_index, "items": items, "eval": False}
+    if cfg.train.eval_every >= 0:
+        try:
+            q = list_shards(cfg.data.shards, cfg.data.query_split)
+            g = list_shards(cfg.data.shards, cfg.data.gallery_split)
+        except FileNotFoundError:
+            q, g = [], []
+        if q and g:
+            out.update(eval=True, query_index=index_shards(q), gallery_index=index_shards(g))
+            print(f"validation: {len(out['query_index'])} query, "
+                  f"{len(out['gallery_index'])} gallery images", flush=True)
+        else:
+            print("validation skipped: no query/gallery shards", flush=True)
+    return out
+
+
+def check_pretrained(spec: str) -> None:
+    from model.checkpoint import resolve_pretrained
+
+    if spec:
+        path = resolve_pretrained(spec)
+        if "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(f"pretrained weights not found: {spec}")
+
+
+def main(argv=None) -> int:
+    import dataclasses
+
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args)
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return 0
+    check_pretrained(cfg.train.pretrained)
+    data = prepare_data(cfg)
+    cfg.model.num_classes = len(data["items"])
+    storage = cfg.run.storage_path
+    if "://" not in storage:
+        storage = os.path.abspath(storage)
+    output = cfg.run.output or os.path.join(storage, cfg.run.name, "model")
+
+    init_ray(args.address, args.num_cpus)
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = {"true": True, "false": False}.get(cfg.run.use_gpu)
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    print(f"training {cfg.model.backbone} on {cfg.run.num_workers} worker(s), "
+          f"{'GPU' if use_gpu else 'CPU'}, {cfg.model.num_classes} classes", flush=True)
+    loop_config = {"cfg": dataclasses.asdict(cfg), **data,
+                   "fail_at_epoch": _env_int("CR_TRAIN_FAIL_AT_EPOCH"),
+                   "fail_marker": os.path.join(storage, cfg.run.name, "fault-injected")}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training produced no checkpoint")
+    model_id = export_model(result.checkpoint, cfg, output)
+    final = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, dict)}
+    print(f"done in {time.perf_counter() - t0:.0f}s; model {model_id} written to {output}")
+    print(json.dumps(final, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def export_model(checkpoint, cfg, output: str) -> str:
+    """The last checkpoint's network -> final model directory (save_model); returns its id."""
+    import torch
+
+    from model.checkpoint import build_model, save_model
+
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    net = build_model(cfg.model)
+    net.load_state_dict(state["model"])
+    return save_model(net, cfg.model, output)
+
+
+def _env_int(name: str):
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else None
+
+
+if __name__ == "__main__":
+    run_main(main)
