@@ -1,7 +1,7 @@
 """Diffusion re-ranking on a kNN graph of the gallery (Iscen, Tolias, Avrithis, Furon, Chum,
 "Efficient Diffusion on Region Manifolds", CVPR 2017), in the online form of that paper and the
-offline/online form of Yang, Li, Cai, Zhao, "Efficient Image Retrieval via Decoupling Diffusion
-into Online and Offline Processing", AAAI 2019.
+offline/online form of Yang, Hinami, Matsui, Ly, Satoh, "Efficient Image Retrieval via
+Decoupling Diffusion into Online and Offline Processing", AAAI 2019.
 
 Graph (built from neighbour lists, e.g. a FAISS search of the gallery against itself):
     a_ij = max(s_ij, 0)^gamma  if i and j are in each other's k nearest neighbours (mutual),
