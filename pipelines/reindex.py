@@ -1,0 +1,194 @@
+"""Nightly re-index: embed new/changed gallery images, update centroids, build, gate, publish.
+
+    python pipelines/reindex.py --gallery-manifest data/manifest.parquet --root data \\
+        --model models/ctl --work outputs/reindex --index-root outputs/indexes --name gallery \\
+        --validation outputs/query_emb
+
+Steps (index/reindex.py; every step is logged to WORK/reindex.jsonl with counts and seconds):
+  embed      only images whose id, bytes (sha256), labels or model changed go through the model
+             (pipelines/embed.py --incremental on Ray, or in this process with --executor local);
+             images no longer in the manifest are dropped; a model change re-embeds everything
+  centroids  per-(item, camera) sums kept in WORK: only the touched items are recomputed
+  build      a new index version under INDEX_ROOT/NAME (not yet published)
+  gate       the validation queries (query embeddings from the same model) are searched against
+             the new and the published version: publish only if mAP@k drops by at most
+             --max-drop and the new version's recall reaches --target-recall; otherwise the
+             published version stays, and the job exits 2 with the reason
+  publish    CURRENT replaced atomically, old versions pruned (--keep)
+Nothing changed since the last published run: no new version, exit 0.
+A second run while one is going exits 2 ("another reindex run holds the lock"). A run killed at
+any point can simply be run again.
+"""
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
+
+import argparse
+import json
+import os
+
+from pipelines._cli import add_ray_arguments, init_ray, run_main
+
+KILL_ENV = "CR_REINDEX_KILL_AFTER"  # crash tests: SIGKILL this process after the named step
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments become a one-line `error: ...` with exit 2 (via run_main)."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gallery-manifest", required=True,
+                   help="manifest Parquet of the gallery (rows of --split are used)")
+    p.add_argument("--root", default=None,
+                   help="dataset root the manifest paths are relative to (default: the manifest's folder)")
+    p.add_argument("--split", default="gallery", help="manifest split to index (default gallery)")
+    p.add_argument("--model", required=True, help="model directory (model.pt + config.json)")
+    p.add_argument("--work", required=True,
+                   help="work directory: embeddings, per-item sums, state, run log (reindex.jsonl)")
+    p.add_argument("--index-root", required=True, help="index root (versions under ROOT/NAME)")
+    p.add_argument("--name", required=True, help="index name")
+    p.add_argument("--validation", required=True,
+                   help="validation query embeddings (Parquet, same model as --model)")
+    p.add_argument("--published-validation", default=None,
+                   help="query embeddings made with the published version's model, for the gate "
+                        "after a model change (default: its recorded validation mAP)")
+    p.add_argument("--max-drop", type=float, default=0.01,
+                   help="largest allowed validation mAP drop vs the published version (default 0.01)")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@10 the new index must reach vs exact search (default 0.95)")
+    p.add_argument("--keep", type=int, default=3, help="index versions to keep (default 3)")
+    p.add_argument("--shards", type=int, default=1, help="index shards (default 1)")
+    p.add_argument("--index-type", default="auto",
+                   help="auto, flat, hnsw, ivf, ivfpq or a FAISS factory string (default auto)")
+    p.add_argument("--index-kind", default="centroids", choices=["centroids", "embeddings"],
+                   help="index one centroid per item (default) or every image embedding")
+    p.add_argument("--gate-k", type=int, default=100, help="ranked list length for the gate's mAP@k (default 100)")
+    p.add_argument("--executor", default="ray", choices=["ray", "local"],
+                   help="ray: embed with Ray Data (pipelines/embed.py); local: embed in this process "
+                        "(small galleries, tests)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: embed's choice)")
+    add_ray_arguments(p)
+    return p
+
+
+def embed_local(manifest, root: str, model_dir: str, previous: str | None, out: str,
+                batch_size: int = 64, threads: int | None = None, rows_per_file: int = 200_000) -> dict:
+    """Embed a manifest table in this process, in pipelines/embed.py's output layout (part files
+    + content_hash, _errors.parquet, _embed.json), carrying over unchanged rows of `previous`
+    (same key and model) with embed's own functions. Returns the _embed.json summary."""
+    import time
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from index.storage import atomic_dir
+    from index.vectors import embeddings_schema
+    from model import embedding as E
+    from pipelines.embed import _copy_carried, _PartWriter, _previous_keys
+
+    t0 = time.perf_counter()
+    runner = E.ModelRunner(model_dir, device="auto", threads=threads or None, decode_threads=1)
+    prev_keys = _previous_keys(previous, runner.model_id) if previous else None
+    schema = embeddings_schema(runner.dim, runner.model_id).append(pa.field("content_hash", pa.string()))
+    errors, carried, embedded = [], [], 0
+    with atomic_dir(out) as tmp:
+        writer = _PartWriter(tmp, schema, rows_per_file)
+        try:
+            for batch in manifest.to_batches(max_chunksize=batch_size):
+                samples = E.manifest_batch_to_samples(pa.Table.from_batches([batch]), root, prev_keys)
+                good, errs, keys = E.split_embedded(E.embed_sample_table(runner, samples))
+                if good.num_rows:
+                    writer.write(good)
+                    embedded += good.num_rows
+                if errs.num_rows:
+                    errors.append(errs)
+                carried.append(keys)
+            keys = np.unique(np.concatenate(carried)) if carried else np.empty(0, np.int64)
+            n_carried = _copy_carried(previous, keys, writer.write) if previous else 0
+        finally:
+            writer.close()
+        error_table = (pa.concat_tables(errors) if errors else
+                       pa.table({"image_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}))
+        if writer.rows == 0:
+            first = error_table.column("reason")[0].as_py() if error_table.num_rows else "no images"
+            raise ValueError(f"nothing embedded: {error_table.num_rows} error(s), first: {first}")
+        pq.write_table(error_table, f"{tmp}/_errors.parquet")
+        summary = {"model": runner.model_id, "dim": runner.dim, "embedded": embedded, "carried": n_carried,
+                   "errors": error_table.num_rows, "rows": writer.rows, "files": writer.parts,
+                   "seconds": round(time.perf_counter() - t0, 3)}
+        with open(f"{tmp}/_embed.json", "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def embed_with_ray(args, previous: str | None, out: str) -> dict:
+    """pipelines/embed.py on Ray (the cluster's or an embedded one) -> its _embed.json summary."""
+    from pipelines import embed
+
+    argv = ["--model", args.model, "--manifest", args.gallery_manifest, "--root", args.root,
+            "--split", args.split, "--out", out, "--batch-size", str(args.batch_size)]
+    if previous:
+        argv += ["--incremental", previous]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if args.address:
+        argv += ["--address", args.address]
+    if args.num_cpus:
+        argv += ["--num-cpus", str(args.num_cpus)]
+    rc = embed.main(argv)
+    if rc:
+        raise RuntimeError(f"embed step failed with exit status {rc}")
+    with open(os.path.join(out, "_embed.json")) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import pyarrow.compute as pc
+
+    from index.reindex import ReindexConfig, Reindexer
+    from model.checkpoint import load_model
+    from model.manifest import read_manifest
+
+    args.root = args.root or os.path.dirname(os.path.abspath(args.gallery_manifest))
+    if "://" not in args.root and not os.path.isdir(args.root):
+        raise FileNotFoundError(f"--root is not a directory: {args.root}")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    manifest = read_manifest(args.gallery_manifest)
+    manifest = manifest.filter(pc.equal(manifest.column("split"), args.split))
+    if manifest.num_rows == 0:
+        raise ValueError(f"{args.gallery_manifest}: no rows of split {args.split}")
+    _net, _cfg, model_id = load_model(args.model)  # validates the model before any work
+    del _net
+    cfg = ReindexConfig(
+        work=args.work, index_root=args.index_root, name=args.name, validation=args.validation,
+        model_id=model_id, published_validation=args.published_validation, max_drop=args.max_drop,
+        target_recall=args.target_recall, keep=args.keep, shards=args.shards, index_type=args.index_type,
+        index_kind=args.index_kind, gate_k=args.gate_k, kill_after=os.environ.get(KILL_ENV) or None).check()
+    print(f"reindex: {manifest.num_rows} {args.split} images in {args.gallery_manifest}, model {model_id}, "
+          f"index {os.path.join(args.index_root, args.name)}", flush=True)
+
+    if args.executor == "ray":
+        init_ray(args.address, args.num_cpus)
+
+        def embed(previous, out):
+            return embed_with_ray(args, previous, out)
+    else:
+        def embed(previous, out):
+            return embed_local(manifest, args.root, args.model, previous, out, args.batch_size,
+                               args.threads or None)
+
+    summary = Reindexer(cfg, embed, say=lambda m: print(m, flush=True)).run()
+    print(f"reindex: {summary.status}: {summary.embedded} embedded, {summary.carried} carried, "
+          f"+{summary.added}/-{summary.removed} rows, {summary.items} items, {summary.images} images, "
+          f"published {summary.published} in {summary.seconds:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
