@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import resource
 import subprocess
@@ -59,6 +60,13 @@ def clustered_vectors(num_query: int, num_gallery: int, dim: int, per_item: int,
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads): a figure that a shared CPU
+    disturbs less than wall time."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def current_rss_bytes() -> int:
@@ -135,11 +143,14 @@ def part_scale(a) -> dict:
     search, t_build = make_search(union, a.index, a.nlist, a.nprobe)
     recall = neighbour_recall(union, search, a.k1 + 1)
     rss_before = current_rss_bytes()
+    stages: dict = {}
+    cpu0 = cpu_seconds()
     t1 = time.perf_counter()
     res = k_reciprocal_sparse(q, g, a.k1, a.k2, a.lambda_value, topk=a.topk, search_fn=search,
                               max_distance=a.max_distance if a.max_distance == "search"
-                              else float(a.max_distance))
+                              else float(a.max_distance), stats=stages)
     t_rerank = time.perf_counter() - t1
+    cpu_rerank = cpu_seconds() - cpu0
     peak = peak_rss_bytes()
     # plain search baseline over the gallery part of the same index
     _, ids = search(q, a.topk + 1 + min(a.queries, a.topk))
@@ -153,7 +164,8 @@ def part_scale(a) -> dict:
         "nlist": a.nlist if a.index == "ivf" else None, "nprobe": a.nprobe if a.index == "ivf" else None,
         "k1": a.k1, "k2": a.k2, "lambda": a.lambda_value, "topk": a.topk, "max_distance": a.max_distance,
         "seconds_data": round(t_data, 2), "seconds_index_build": round(t_build, 2),
-        "seconds_rerank": round(t_rerank, 2),
+        "seconds_rerank": round(t_rerank, 2), "cpu_seconds_rerank": round(cpu_rerank, 2),
+        "load_average_1min_after": round(os.getloadavg()[0], 1), "stages": stages,
         "rss_before_rerank_gib": round(rss_before / 2**30, 3), "peak_rss_gib": round(peak / 2**30, 3),
         "certified_fraction": float(res.certified.mean()),
         "neighbour_recall_at_k1+1": recall,

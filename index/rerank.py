@@ -433,7 +433,8 @@ def _check_params(k1, k2, lambda_value):
 def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2: int = 6,
                         lambda_value: float = 0.3, *, topk: int = 100, candidates: int | None = None,
                         search_fn: SearchFn | None = None, gallery_keep: np.ndarray | None = None,
-                        max_distance: str | float = "search", chunk: int = 4096) -> RerankResult:
+                        max_distance: str | float = "search", chunk: int = 4096,
+                        stats: dict | None = None) -> RerankResult:
     """Scalable k-reciprocal re-ranking from neighbour lists; returns top-k lists per query.
 
     query: (Q, D), gallery: (G, D) float32 L2-normalised. search_fn: inner-product search over
@@ -447,7 +448,18 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     Distances are recomputed from the vectors, so an approximate index only changes which
     neighbours are found. Memory O((Q + G) * (k1 + candidates)) plus the sparse rows of V.
     With an exact search the result equals the top-k of `k_reciprocal_from_embeddings`.
+    stats: if a dict is given, it receives seconds per stage and the sizes of V.
     """
+    import time
+
+    stats = {} if stats is None else stats
+    clock = [time.perf_counter()]
+
+    def lap(name):
+        now = time.perf_counter()
+        stats[f"seconds_{name}"] = round(now - clock[0], 3)
+        clock[0] = now
+
     _check_params(k1, k2, lambda_value)
     query = np.ascontiguousarray(query, np.float32)
     gallery = np.ascontiguousarray(gallery, np.float32)
@@ -469,6 +481,7 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     for rows in _row_chunks(n - n_q, 65536):
         _, ids = search_fn(x[n_q + rows], k_all)
         nn[n_q + rows] = _self_first(np.asarray(ids, np.int64), n_q + rows)
+    lap("search")
 
     if max_distance == "search":
         far = np.empty(n, np.float32)
@@ -478,6 +491,7 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     else:
         far = np.full(n, float(max_distance), np.float32)
     far = np.maximum(far, np.float32(1e-12))
+    lap("farthest")
 
     def pair_dist(a, b):
         d = np.maximum(np.float32(2.0) - np.float32(2.0) * _pair_dots(x, a, b), np.float32(0.0))
@@ -485,9 +499,12 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
         return d / far[a]
 
     v = expansion_weights(nn, pair_dist, k1, chunk)
+    stats["v_entries_per_row"] = round(len(v.data) / n, 2)
     v = local_query_expansion(v, nn, k2, chunk)
+    stats["v_qe_entries_per_row"] = round(len(v.data) / n, 2)
     del nn
     cols = _columns(v, n_q, n)
+    lap("encoding")
 
     # bound on the final distance of anything outside a query's candidate list
     last = np.asarray(q_scores, np.float32)[:, -1]
@@ -521,6 +538,7 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
         dist_out[own[sel], rank[sel]] = final[sel]
     kth = dist_out[:, -1]
     certified = complete | (kth <= bound)
+    lap("jaccard_topk")
     return RerankResult(ids_out, dist_out, certified)
 
 
