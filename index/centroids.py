@@ -94,6 +94,29 @@ def _encode_pairs(item_ids: np.ndarray, camera_ids: np.ndarray) -> tuple[np.ndar
     return order, starts, order[starts]
 
 
+def segment_sums(x: np.ndarray, starts: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """Sums of consecutive row segments of x[order] (or x) starting at `starts`, in float64.
+
+    x: (N, D) float; starts: (G,) sorted segment starts (starts[0] == 0). Returns (G, D) float64.
+    One-row segments are copied in one vectorised step; longer ones are summed with np.sum per
+    segment: both several times faster than np.add.reduceat along axis 0, which walks the
+    matrix row by row with a float64 cast per element.
+    """
+    n = len(order) if order is not None else len(x)
+    sizes = np.diff(np.append(starts, n))
+    rows = order if order is not None else np.arange(n)
+    single = sizes == 1
+    if single.all():  # nothing to add up (e.g. a combine whose pairs met no duplicate): one gather
+        return np.take(x, rows[starts], axis=0).astype(np.float64, copy=False)
+    out = np.empty((len(starts), x.shape[1]), np.float64)
+    out[single] = x[rows[starts[single]]]
+    for g in np.flatnonzero(~single):
+        a = starts[g]
+        seg = x[rows[a:a + sizes[g]]] if order is not None else x[a:a + sizes[g]]
+        np.sum(seg, axis=0, dtype=np.float64, out=out[g])
+    return out
+
+
 def _check_inputs(item_ids, camera_ids, vectors: np.ndarray, counts=None) -> None:
     if vectors.ndim != 2:
         raise VectorFileError(f"expected (N, D) vectors, got shape {vectors.shape}")
@@ -132,8 +155,7 @@ def partial_sums(item_ids, camera_ids, vectors: np.ndarray, counts=None) -> Pair
     if len(vectors) == 0:
         return empty_pair_sums(vectors.shape[1])
     order, starts, first = _encode_pairs(item_ids, cams)
-    # reduceat over the sorted rows accumulates in float64 without a float64 copy of the batch
-    sums = np.add.reduceat(vectors[order], starts, axis=0, dtype=np.float64)
+    sums = segment_sums(vectors, starts, order)
     if counts is None:
         n = np.diff(np.append(starts, len(order)))
     else:
@@ -154,12 +176,11 @@ def combine(parts: Iterable[PairSums], drop_empty: bool = True) -> PairSums:
     if not len(parts[0]):
         merged = parts[0]
     else:  # always regroup: one part may hold several rows of a pair (concatenated partials)
-        merged = partial_sums(
-            np.concatenate([p.item_ids for p in parts]),
-            np.concatenate([p.camera_ids for p in parts]),
-            np.concatenate([p.sums for p in parts]),
-            counts=np.concatenate([p.counts for p in parts]),
-        )
+        def cat(name):  # no copy for a single part
+            arrays = [getattr(p, name) for p in parts]
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+        merged = partial_sums(cat("item_ids"), cat("camera_ids"), cat("sums"), counts=cat("counts"))
     if drop_empty:
         if (merged.counts < 0).any():
             raise VectorFileError("negative image count after combining (removed more than was added)")
@@ -202,7 +223,7 @@ def finalize(p: PairSums, items: Iterable[str] | None = None) -> Centroids:
     boundary = np.ones(len(ids), bool)
     boundary[1:] = ids[1:] != ids[:-1]
     starts = np.flatnonzero(boundary)
-    sums = np.add.reduceat(p.sums, starts, axis=0)
+    sums = segment_sums(p.sums, starts)
     counts = np.add.reduceat(p.counts, starts)
     if (counts <= 0).any():
         bad = p.item_ids[starts[np.flatnonzero(counts <= 0)[0]]]
@@ -234,27 +255,30 @@ def centroids_reference(item_ids, camera_ids, vectors: np.ndarray) -> Centroids:
 
 # ---- Parquet form of pair sums: OUT/item_camera_sums.parquet --------------------------------
 
-def sums_schema(dim: int, model: str) -> pa.Schema:
-    """item_camera_sums: one row per (item, camera) pair. `sum` is the float64 sum of the pair's
-    L2-normalised image embeddings, `count` the number of images; camera_id null = unknown."""
+SUMS_DTYPES = {"float32": pa.float32(), "float64": pa.float64()}
+
+
+def sums_schema(dim: int, model: str, dtype: str = "float64") -> pa.Schema:
+    """item_camera_sums: one row per (item, camera) pair. `sum` is the sum of the pair's
+    L2-normalised image embeddings (accumulated in float64, stored as `dtype`), `count` the
+    number of images; camera_id null = unknown."""
     meta = json.dumps({"model": str(model), "dim": int(dim), "normalized": False, "kind": SUMS_KIND})
     return pa.schema(
         [
             pa.field("item_id", pa.string(), nullable=False),
             pa.field("camera_id", pa.int32()),
-            pa.field("sum", pa.list_(pa.float64(), dim), nullable=False),
+            pa.field("sum", pa.list_(SUMS_DTYPES[dtype], dim), nullable=False),
             pa.field("count", pa.int32(), nullable=False),
         ],
         metadata={META_KEY: meta.encode()},
     )
 
 
-def pair_sums_to_table(p: PairSums, model: str) -> pa.Table:
+def pair_sums_to_table(p: PairSums, model: str, dtype: str = "float64") -> pa.Table:
     cams = pa.array(p.camera_ids.astype(np.int32), pa.int32(), mask=p.camera_ids == UNKNOWN_CAMERA)
-    sums = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(p.sums, np.float64).reshape(-1)),
-                                             p.dim)
+    sums = _fixed_list(p.sums.astype(dtype, copy=False), SUMS_DTYPES[dtype])
     return pa.table([pa.array(p.item_ids, pa.string()), cams, sums,
-                     pa.array(p.counts.astype(np.int32), pa.int32())], schema=sums_schema(p.dim, model))
+                     pa.array(p.counts.astype(np.int32), pa.int32())], schema=sums_schema(p.dim, model, dtype))
 
 
 def pair_sums_from_table(table: pa.Table | pa.RecordBatch, where: str = "item_camera_sums") -> PairSums:
@@ -307,19 +331,22 @@ def _fixed_list(x: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray
 
 
 def _vectors(col, dtype=np.float32) -> np.ndarray:
+    """fixed_size_list column -> (N, D) array of `dtype` (None: keep the stored type, no copy)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if not pa.types.is_fixed_size_list(col.type):
         raise VectorFileError(f"embedding column is {col.type}, expected fixed_size_list<float32>[D]")
     if col.null_count:
         raise VectorFileError(f"{col.null_count} null embedding(s)")
-    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, col.type.list_size)
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return (values if dtype is None else values.astype(dtype, copy=False)).reshape(-1, col.type.list_size)
 
 
-def partial_table(batch: pa.Table, buckets: int) -> pa.Table:
+def partial_table(batch: pa.Table, buckets: int, dtype: str = "float64") -> pa.Table:
     """Embeddings batch (item_id, camera_id?, embedding) -> partial pair sums as Arrow:
-    bucket int32, item_id, camera_id int32 (null = unknown), sum fixed_size_list<float64>[D],
-    count int64. Raises VectorFileError on NaN/inf, null or empty item ids."""
+    bucket int32, item_id, camera_id int32 (null = unknown), sum fixed_size_list<dtype>[D]
+    (summed in float64, then stored as `dtype`: float32 halves what the shuffle moves), count
+    int64. Raises VectorFileError on NaN/inf, null or empty item ids."""
     items = batch.column("item_id")
     if items.null_count or (len(items) and pc.any(pc.equal(items, "")).as_py()):
         raise VectorFileError("embeddings have a row with an empty item_id")
@@ -330,7 +357,7 @@ def partial_table(batch: pa.Table, buckets: int) -> pa.Table:
         "bucket": pa.array(bucket_of(p.item_ids, buckets), pa.int32()),
         "item_id": pa.array(p.item_ids, pa.string()),
         "camera_id": pa.array(p.camera_ids.astype(np.int32), pa.int32(), mask=p.camera_ids == UNKNOWN_CAMERA),
-        "sum": _fixed_list(p.sums, pa.float64()),
+        "sum": _fixed_list(p.sums.astype(dtype, copy=False), SUMS_DTYPES[dtype]),
         "count": pa.array(p.counts, pa.int64()),
     })
 
@@ -338,28 +365,28 @@ def partial_table(batch: pa.Table, buckets: int) -> pa.Table:
 def pair_sums_of_partial(table: pa.Table) -> PairSums:
     return PairSums(np.asarray(table.column("item_id").to_pylist(), dtype=object),
                     camera_codes(table.column("camera_id"), table.num_rows),
-                    _vectors(table.column("sum"), np.float64),
+                    _vectors(table.column("sum"), None),
                     np.asarray(table.column("count").to_numpy(zero_copy_only=False), np.int64))
 
 
-def item_rows_schema(dim: int) -> pa.Schema:
+def item_rows_schema(dim: int, dtype: str = "float64") -> pa.Schema:
     return pa.schema([
         pa.field("item_id", pa.string()),
         pa.field("embedding", pa.list_(pa.float32(), dim)),
         pa.field("count", pa.int32()),
         pa.field("camera_ids", pa.list_(pa.int32())),
         pa.field("pair_camera_ids", pa.list_(pa.int32())),
-        pa.field("pair_sums", pa.list_(pa.list_(pa.float64(), dim))),
+        pa.field("pair_sums", pa.list_(pa.list_(SUMS_DTYPES[dtype], dim))),
         pa.field("pair_counts", pa.list_(pa.int32())),
     ])
 
 
-def combine_table(table: pa.Table) -> pa.Table:
+def combine_table(table: pa.Table, dtype: str = "float64") -> pa.Table:
     """All partial rows of some items (one bucket) -> one row per item (item_rows_schema):
     centroid, count, camera_ids, and the item's (camera, sum, count) pairs as nested lists."""
     dim = table.schema.field("sum").type.list_size
     if table.num_rows == 0:
-        return item_rows_schema(dim).empty_table()
+        return item_rows_schema(dim, dtype).empty_table()
     p = combine([pair_sums_of_partial(table)])
     c = finalize(p)
     ids = p.item_ids.astype(str)
@@ -372,9 +399,13 @@ def combine_table(table: pa.Table) -> pa.Table:
         pa.array(c.counts, pa.int32()),
         pa.array(c.camera_ids, pa.list_(pa.int32())),
         pa.ListArray.from_arrays(offsets, cams),
-        pa.ListArray.from_arrays(offsets, _fixed_list(p.sums, pa.float64())),
+        pa.ListArray.from_arrays(offsets, _fixed_list(p.sums.astype(dtype, copy=False), SUMS_DTYPES[dtype])),
         pa.ListArray.from_arrays(offsets, pa.array(p.counts.astype(np.int32), pa.int32())),
-    ], schema=item_rows_schema(dim))
+    ], schema=item_rows_schema(dim, dtype))
+
+
+def _dtype_name(t: pa.DataType) -> str:
+    return next(name for name, typ in SUMS_DTYPES.items() if typ == t)
 
 
 def split_item_rows(table: pa.Table, model: str) -> tuple[pa.Table, pa.Table]:
@@ -389,5 +420,5 @@ def split_item_rows(table: pa.Table, model: str) -> tuple[pa.Table, pa.Table]:
         "camera_id": pc.list_flatten(table.column("pair_camera_ids")),
         "sum": pc.list_flatten(table.column("pair_sums")),
         "count": pc.list_flatten(table.column("pair_counts")),
-    }).cast(sums_schema(dim, model))
+    }).cast(sums_schema(dim, model, _dtype_name(table.schema.field("pair_sums").type.value_type.value_type)))
     return cents, sums

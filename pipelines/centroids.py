@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--buckets", type=int, default=0,
                    help="hash buckets for the shuffle by item (default: enough for ~256 MB of input each, "
                         ">= 2 per CPU)")
+    p.add_argument("--sums-dtype", choices=["float32", "float64"], default="float64",
+                   help="precision of the shuffled partial sums and of item_camera_sums.parquet (always "
+                        "accumulated in float64; float32 halves shuffle memory and the file, default float64)")
     add_ray_arguments(p)
     return p.parse_args(argv)
 
@@ -100,8 +103,9 @@ def main(argv=None) -> int:
 
         ds = ds.filter(expr=col("split") == args.split)
     partials = ds.map_batches(C.partial_table, batch_format="pyarrow", batch_size=args.batch_size,
-                              fn_kwargs={"buckets": buckets})
-    items = partials.groupby("bucket", num_partitions=buckets).map_groups(C.combine_table, batch_format="pyarrow")
+                              fn_kwargs={"buckets": buckets, "dtype": args.sums_dtype})
+    items = partials.groupby("bucket", num_partitions=buckets).map_groups(C.combine_table, batch_format="pyarrow",
+                                                                    fn_kwargs={"dtype": args.sums_dtype})
 
     n_items = n_pairs = n_images = 0
     try:
