@@ -474,7 +474,7 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
 
     # neighbour lists: every point needs its first max(k1+1, k2); queries also `candidates`
     k_all = min(max(k1 + 1, k2), n)
-    q_scores, q_ids = search_fn(query, min(candidates, n))
+    _, q_ids = search_fn(query, min(candidates, n))
     q_ids = _self_first(np.asarray(q_ids, np.int64), np.arange(n_q))
     nn = np.empty((n, k_all), np.int64)
     nn[:n_q] = q_ids[:, :k_all]
@@ -506,11 +506,14 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     cols = _columns(v, n_q, n)
     lap("encoding")
 
-    # bound on the final distance of anything outside a query's candidate list
-    last = np.asarray(q_scores, np.float32)[:, -1]
-    complete = (q_ids >= 0).sum(axis=1) >= n  # the list holds every point
-    bound = np.float32(1 - lambda_value) + np.float32(lambda_value) * \
-        np.maximum(2.0 - 2.0 * last, 0.0) / far[:n_q]
+    # bound on the final distance of anything outside a query's candidate list: at least
+    # (1 - lambda) + lambda * d(q, last listed point); recomputed from the vectors, since the
+    # search's scores may be approximate and _self_first may have dropped its last entry
+    listed = (q_ids >= 0).sum(axis=1)
+    complete = listed >= n  # the list holds every point
+    last = q_ids[np.arange(n_q), np.maximum(listed - 1, 0)]
+    bound = np.float32(1 - lambda_value) + np.float32(lambda_value) * pair_dist(np.arange(n_q), last)
+    bound[listed < q_ids.shape[1]] = -np.inf  # a short list (approximate index) proves nothing
 
     k_out = topk
     ids_out = np.full((n_q, k_out), -1, np.int64)

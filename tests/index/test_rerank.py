@@ -267,3 +267,21 @@ def test_rerank_combinations(agreement_data):
     assert both.ids.shape == (60, 30) and keep[both.ids].all()
     assert (np.diff(both.distances, axis=1) >= 0).all()
     assert RerankConfig(methods=("aqe",)).as_dict()["methods"] == ("aqe",)
+
+
+def test_certified_only_where_the_list_is_exact(agreement_data):
+    q, g = agreement_data[0][:60], agreement_data[1][:1500]
+    exact = k_reciprocal_from_embeddings(q, g, 10, 4)
+    top = np.sort(exact, axis=1)[:, :40]
+    few = k_reciprocal_sparse(q, g, 10, 4, topk=40, candidates=11)  # too few candidates to prove
+    assert not few.certified.all()
+    np.testing.assert_allclose(few.distances[few.certified], top[few.certified], atol=1e-5)
+    # with an approximate search that returns short lists, nothing is certified
+    search = flat_search_fn(np.concatenate([q, g]))
+
+    def short(x, k):
+        s, i = search(x, k)
+        i[:, -1] = -1
+        return s, i
+
+    assert not k_reciprocal_sparse(q, g, 10, 4, topk=40, search_fn=short).certified.any()
