@@ -28,10 +28,9 @@ searching them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
-
-MAX_BLOCK_ELEMENTS = 1 << 24  # edges x right-hand sides per matvec temporary (128 MiB float64)
 
 
 class DiffusionError(ValueError):
@@ -59,20 +58,38 @@ class Graph:
     def nnz(self) -> int:
         return len(self.indices)
 
+    @cached_property
+    def _slots(self) -> list[tuple[np.ndarray | None, np.ndarray, np.ndarray]]:
+        """The edges regrouped by their position within their row: slot j holds the j-th
+        neighbour of every row that has more than j. Rows are unique within a slot, so a
+        matvec is one gather-multiply-add of (rows, Q) per slot instead of an (edges, Q)
+        temporary and a segmented sum; `None` rows means all N rows in order."""
+        rows = np.repeat(np.arange(self.n), np.diff(self.indptr))
+        pos = np.arange(self.nnz) - self.indptr[rows]
+        order = np.argsort(pos, kind="stable")
+        bounds = np.searchsorted(pos[order], np.arange(pos.max() + 2 if self.nnz else 1))
+        slots = []
+        for j in range(len(bounds) - 1):
+            sel = order[bounds[j]:bounds[j + 1]]
+            r = rows[sel]
+            slots.append((None if len(r) == self.n else r, self.indices[sel], self.data[sel]))
+        return slots
+
     def matvec(self, x: np.ndarray) -> np.ndarray:
-        """S @ x for x: (N,) or (N, Q) float -> same shape, float64."""
-        x = np.asarray(x, dtype=np.float64)
+        """S @ x for x: (N,) or (N, Q) float -> same shape and float dtype (float64 default)."""
+        x = np.asarray(x)
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float64)
         one = x.ndim == 1
         x2 = x[:, None] if one else x
-        out = np.zeros((self.n, x2.shape[1]), np.float64)
-        rows = np.flatnonzero(np.diff(self.indptr))       # non-empty rows, ascending
-        if len(rows):
-            step = max(1, MAX_BLOCK_ELEMENTS // max(self.nnz, 1))
-            starts = self.indptr[rows]
-            for c in range(0, x2.shape[1], step):
-                prod = self.data[:, None] * x2[self.indices, c:c + step]
-                # reduceat over the non-empty rows only: each segment ends where the next starts
-                out[rows, c:c + step] = np.add.reduceat(prod, starts, axis=0)
+        out = np.zeros((self.n, x2.shape[1]), x2.dtype)
+        for rows, cols, w in self._slots:
+            term = x2[cols]
+            term *= w.astype(x2.dtype, copy=False)[:, None]
+            if rows is None:
+                out += term
+            else:
+                out[rows] += term
         return out[:, 0] if one else out
 
     def to_dense(self) -> np.ndarray:
@@ -155,37 +172,46 @@ def _dedupe_max(key: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def conjugate_gradient(graph: Graph, y: np.ndarray, alpha: float = 0.99, tol: float = 1e-6,
-                       maxiter: int = 20) -> np.ndarray:
+                       maxiter: int = 20, dtype=np.float64) -> np.ndarray:
     """Solve (I - alpha S) F = Y column by column (independent CG recurrences, one matvec each
-    step for the whole block). y: (N,) or (N, Q) float -> F of the same shape, float64.
-    Stops a column when ||residual|| <= tol * ||y||, all of them after maxiter steps.
-    I - alpha S is symmetric positive definite for 0 <= alpha < 1 (eigenvalues of S in [-1, 1]).
+    step for the block). y: (N,) or (N, Q) float -> F of the same shape, `dtype` (float32 is
+    ~2x faster and enough for ranking; float64 for exact comparisons).
+    A column stops when ||residual|| <= tol * ||y|| and leaves the working block; all stop
+    after maxiter steps. I - alpha S is symmetric positive definite for 0 <= alpha < 1
+    (eigenvalues of S lie in [-1, 1]), so CG applies.
     """
     if not 0.0 <= alpha < 1.0:
         raise DiffusionError(f"alpha must be in [0, 1), got {alpha}")
-    y = np.asarray(y, dtype=np.float64)
+    y = np.asarray(y, dtype=dtype)
     one = y.ndim == 1
     b = y[:, None] if one else y
-    x = np.zeros_like(b)
-    r = b.copy()
+    out = np.zeros_like(b)
+    rs = np.einsum("ij,ij->j", b, b)
+    stop = (tol * tol) * rs
+    idx = np.flatnonzero(rs > stop)              # columns still being solved
+    x = np.zeros((b.shape[0], len(idx)), dtype)
+    r = b[:, idx].copy()
     p = r.copy()
-    rs = np.einsum("ij,ij->j", r, r)
-    stop = (tol * np.sqrt(rs)) ** 2
-    active = rs > stop
+    rs, stop = rs[idx], stop[idx]
     for _ in range(maxiter):
-        if not active.any():
+        if not len(idx):
             break
-        cols = np.flatnonzero(active)
-        pa = p[:, cols]
-        ap = pa - alpha * graph.matvec(pa)
-        step = rs[cols] / np.einsum("ij,ij->j", pa, ap)
-        x[:, cols] += step * pa
-        r[:, cols] -= step * ap
-        rs_new = np.einsum("ij,ij->j", r[:, cols], r[:, cols])
-        p[:, cols] = r[:, cols] + (rs_new / rs[cols]) * pa
-        rs[cols] = rs_new
-        active[cols] = rs_new > stop[cols]
-    return x[:, 0] if one else x
+        ap = p - alpha * graph.matvec(p)
+        step = rs / np.einsum("ij,ij->j", p, ap)
+        x += step * p
+        r -= step * ap
+        rs_new = np.einsum("ij,ij->j", r, r)
+        p *= rs_new / rs
+        p += r
+        rs = rs_new
+        done = rs <= stop
+        if done.any():                            # converged columns leave the block
+            out[:, idx[done]] = x[:, done]
+            keep = ~done
+            x, r, p = x[:, keep], r[:, keep], p[:, keep]
+            rs, stop, idx = rs[keep], stop[keep], idx[keep]
+    out[:, idx] = x
+    return out[:, 0] if one else out
 
 
 def query_vector_block(ids: np.ndarray, sims: np.ndarray, n: int, gamma: float,
@@ -201,21 +227,21 @@ def query_vector_block(ids: np.ndarray, sims: np.ndarray, n: int, gamma: float,
 
 def diffuse(graph: Graph, query_ids: np.ndarray, query_sims: np.ndarray, topk: int = 100,
             alpha: float = 0.99, gamma: float = 3.0, query_k: int | None = 10,
-            tol: float = 1e-6, maxiter: int = 20, block: int = 64
+            tol: float = 1e-6, maxiter: int = 20, block: int = 64, dtype=np.float32
             ) -> tuple[np.ndarray, np.ndarray]:
     """Online diffusion (Iscen et al. 2017): re-rank the gallery for each query.
 
     query_ids, query_sims: (Q, m) the queries' neighbour lists from the index (ids into the
     graph's N vectors, -1 = none); the first `query_k` of each (None = all) make y.
     Returns (scores (Q, topk) float32 descending, ids (Q, topk) int64), -1/-inf padded when
-    fewer than topk gallery vectors are reachable.
+    fewer than topk gallery vectors are reachable. dtype: the solver's float type.
     """
     query_ids, query_sims = np.asarray(query_ids), np.asarray(query_sims)
     scores, ids = [], []
     for s in range(0, len(query_ids), block):
         y = query_vector_block(query_ids[s:s + block], query_sims[s:s + block], graph.n, gamma,
                                query_k)
-        f = conjugate_gradient(graph, y, alpha, tol, maxiter)
+        f = conjugate_gradient(graph, y, alpha, tol, maxiter, dtype)
         sc, ix = top_k_columns(f, topk)
         scores.append(sc)
         ids.append(ix)
@@ -290,22 +316,45 @@ class PrecomputedDiffusion:
 
 
 def precompute_diffusion(graph: Graph, alpha: float = 0.99, keep: int = 200, tol: float = 1e-6,
-                         maxiter: int = 20, block: int = 256) -> PrecomputedDiffusion:
+                         maxiter: int = 20, block: int = 256, dtype=np.float32,
+                         rows: np.ndarray | None = None) -> PrecomputedDiffusion:
     """Offline stage: solve (I - alpha S) x = e_i for every node i (blocks of unit vectors)
-    and keep the `keep` largest entries of each solution (= row i of L^-1)."""
+    and keep the `keep` largest entries of each solution (= row i of L^-1).
+
+    rows: compute only these rows (the others are left empty, ids -1), so workers can each
+    take a share of the nodes and the parts be summed with `merge_precomputed`.
+    """
     n = graph.n
     keep = min(int(keep), n)
     if keep < 1:
         raise DiffusionError("keep must be >= 1")
-    ids = np.empty((n, keep), np.int64)
-    values = np.empty((n, keep), np.float32)
-    for s in range(0, n, block):
-        cols = np.arange(s, min(s + block, n))
-        e = np.zeros((n, len(cols)))
+    ids = np.full((n, keep), -1, np.int64)
+    values = np.zeros((n, keep), np.float32)
+    todo = np.arange(n) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+    if len(todo) and (todo[0] < 0 or todo[-1] >= n):
+        raise DiffusionError(f"rows must be node ids in 0..{n - 1}")
+    for s in range(0, len(todo), block):
+        cols = todo[s:s + block]
+        e = np.zeros((n, len(cols)), dtype)
         e[cols, np.arange(len(cols))] = 1.0
-        sc, ix = top_k_columns(conjugate_gradient(graph, e, alpha, tol, maxiter), keep)
+        sc, ix = top_k_columns(conjugate_gradient(graph, e, alpha, tol, maxiter, dtype), keep)
         ids[cols], values[cols] = ix, np.where(ix >= 0, sc, 0.0)
     return PrecomputedDiffusion(ids, values, float(alpha))
+
+
+def merge_precomputed(parts: list[PrecomputedDiffusion]) -> PrecomputedDiffusion:
+    """Combine precomputations of disjoint row sets (see `precompute_diffusion(rows=...)`)."""
+    if not parts:
+        raise DiffusionError("nothing to merge")
+    ids, values = parts[0].ids.copy(), parts[0].values.copy()
+    for part in parts[1:]:
+        if part.ids.shape != ids.shape or part.alpha != parts[0].alpha:
+            raise DiffusionError("precomputed parts differ in shape or alpha")
+        filled = part.ids[:, 0] >= 0
+        if (filled & (ids[:, 0] >= 0)).any():
+            raise DiffusionError("precomputed parts overlap")
+        ids[filled], values[filled] = part.ids[filled], part.values[filled]
+    return PrecomputedDiffusion(ids, values, parts[0].alpha)
 
 
 def diffuse_precomputed(pre: PrecomputedDiffusion, query_ids: np.ndarray, query_sims: np.ndarray,

@@ -8,6 +8,7 @@ from index.diffusion import (
     conjugate_gradient,
     diffuse,
     diffuse_precomputed,
+    merge_precomputed,
     precompute_diffusion,
     query_vector_block,
 )
@@ -80,7 +81,7 @@ def test_cg_and_online_diffusion_match_dense_solve(small):
     f = conjugate_gradient(graph, y, alpha, tol=1e-12, maxiter=500)
     assert np.allclose(f, f_ref, atol=1e-9)
     scores, top = diffuse(graph, qids, qsims, topk=15, alpha=alpha, gamma=gamma, query_k=5,
-                          tol=1e-12, maxiter=500, block=2)
+                          tol=1e-12, maxiter=500, block=2, dtype=np.float64)
     assert scores.shape == (5, 15) and top.dtype == np.int64 and scores.dtype == np.float32
     for i in range(5):
         order = np.argsort(-f_ref[:, i], kind="stable")[:15]
@@ -95,7 +96,8 @@ def test_precomputed_offline_online_equals_online(small, tmp_path):
     ids, sims = knn(g, g, 10)
     graph = build_graph(ids, sims)
     qids, qsims = knn(q, g, 10)
-    exact = precompute_diffusion(graph, alpha, keep=60, tol=1e-12, maxiter=500, block=16)
+    exact = precompute_diffusion(graph, alpha, keep=60, tol=1e-12, maxiter=500, block=16,
+                                 dtype=np.float64)
     y = query_vector_block(qids, qsims, 60, 3.0, k=10)
     f_ref = np.linalg.solve(np.eye(60) - alpha * graph.to_dense(), y)
     s1, i1 = diffuse_precomputed(exact, qids, qsims, topk=20, query_k=10, block=3)
@@ -104,10 +106,21 @@ def test_precomputed_offline_online_equals_online(small, tmp_path):
         assert np.allclose(s1[i], f_ref[order, i], rtol=1e-5)
         assert set(i1[i][:15]) == set(order[:15])
     # truncated rows (Yang et al.'s sparsification) keep the head of the ranking
-    small_keep = precompute_diffusion(graph, alpha, keep=20, tol=1e-8, maxiter=200)
+    small_keep = precompute_diffusion(graph, alpha, keep=20, tol=1e-8, maxiter=200,
+                                      dtype=np.float64)
     _, i2 = diffuse_precomputed(small_keep, qids, qsims, topk=5, query_k=10)
     overlap = np.mean([len(set(i2[i]) & set(i1[i][:5])) / 5 for i in range(5)])
     assert overlap >= 0.8
+    # float32 solver (the default) ranks the same; row shares merge into the whole
+    f32 = precompute_diffusion(graph, alpha, keep=20, tol=1e-8, maxiter=200, block=7)
+    assert np.mean(f32.ids == small_keep.ids) > 0.95
+    assert np.allclose(f32.values, small_keep.values, atol=1e-4)
+    parts = [precompute_diffusion(graph, alpha, keep=20, tol=1e-8, maxiter=200, rows=r)
+             for r in (np.arange(0, 60, 2), np.arange(1, 60, 2))]
+    merged = merge_precomputed(parts)
+    assert np.mean(merged.ids == f32.ids) > 0.99 and np.allclose(merged.values, f32.values, atol=1e-6)
+    with pytest.raises(DiffusionError, match="overlap"):
+        merge_precomputed([parts[0], parts[0]])
     path = tmp_path / "diff.npz"
     small_keep.save(str(path))
     back = PrecomputedDiffusion.load(str(path))
