@@ -11,6 +11,8 @@ Query q with neighbours j (its top-k_q from the index) and similarities s_qj:
 
 - `diffuse`: online, conjugate gradient on the whole graph for a block of queries at a time
   (Iscen et al.; their CG with ~20 iterations). Cost per query ~ iterations x edges.
+- `diffuse_truncated`: online, each query on the subgraph of its own top-m index results
+  (Iscen et al.'s truncation): cost independent of N, the form for large galleries.
 - `precompute_diffusion` + `diffuse_precomputed`: offline, the top-`keep` entries of every
   row of L^-1 = (I - alpha S)^-1 (symmetric, so rows = columns); online,
   f = L^-1 y = sum_j y_j L^-1[j, :] is a sparse sum of k_q stored rows (Yang et al.): no solver
@@ -152,7 +154,11 @@ def build_graph(ids: np.ndarray, sims: np.ndarray, gamma: float = 3.0,
         w_sym = np.where(found, (w + w_rev) / 2, w)
         key, w = _dedupe_max(np.concatenate([key, rev[~found]]),
                              np.concatenate([w_sym, w[~found]]))
-    rows, cols = key // n, key % n
+    return _normalized_graph(key // n, key % n, w, n)
+
+
+def _normalized_graph(rows: np.ndarray, cols: np.ndarray, w: np.ndarray, n: int) -> Graph:
+    """Graph from symmetric affinity edges (i, j, a_ij) sorted by (i, j): S = D^-1/2 A D^-1/2."""
     degree = np.bincount(rows, weights=w, minlength=n)
     inv_sqrt = np.zeros(n)
     inv_sqrt[degree > 0] = degree[degree > 0] ** -0.5
@@ -248,6 +254,68 @@ def diffuse(graph: Graph, query_ids: np.ndarray, query_sims: np.ndarray, topk: i
     if not scores:
         return np.zeros((0, topk), np.float32), np.zeros((0, topk), np.int64)
     return np.concatenate(scores), np.concatenate(ids)
+
+
+def diffuse_truncated(graph: Graph, query_ids: np.ndarray, query_sims: np.ndarray,
+                      topk: int = 100, alpha: float = 0.99, gamma: float = 3.0,
+                      query_k: int | None = 10, tol: float = 1e-6, maxiter: int = 20,
+                      block: int = 32, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Truncated online diffusion (Iscen et al. 2017, Sec. "truncation"): each query diffuses
+    only on the subgraph of its own neighbour list (its top-m results from the index, m =
+    query_ids.shape[1], e.g. 1000), re-normalised there; y uses the first `query_k` of them.
+    Cost per query ~ iterations x (m x graph k), independent of the gallery size, so this is
+    the form for large galleries; with m = N it equals `diffuse`.
+
+    Queries of a block are solved together as one block-diagonal system (one CG, one
+    right-hand side): exact at convergence, with the iteration count set by the slowest.
+    Returns (scores (Q, topk) float32, ids (Q, topk) int64), only ids from each query's list.
+    """
+    query_ids, query_sims = np.asarray(query_ids), np.asarray(query_sims)
+    ids, sims, valid = _check_lists(query_ids, query_sims, graph.n, "query neighbours")
+    n = graph.n
+    q_total, m = ids.shape
+    out_s = np.full((q_total, topk), -np.inf, np.float32)
+    out_i = np.full((q_total, topk), -1, np.int64)
+    affinity = graph.data * np.sqrt(graph.degree[_row_ids(graph)] * graph.degree[graph.indices])
+    for s in range(0, q_total, block):
+        bi, bs, bv = ids[s:s + block], sims[s:s + block], valid[s:s + block].copy()
+        b = len(bi)
+        # local node = position in the flattened (b, m) lists; a repeated id keeps its first
+        key = np.where(bv, np.arange(b)[:, None] * n + bi, -1).ravel()
+        uniq, first = np.unique(key, return_index=True)
+        keep_pos = first[uniq >= 0]
+        bv.ravel()[:] = False
+        bv.ravel()[keep_pos] = True
+        nodes = np.flatnonzero(bv.ravel())                   # local ids in use
+        node_keys = key[nodes]                                # sorted: (query, id) order
+        order = np.argsort(node_keys)
+        node_keys, nodes = node_keys[order], nodes[order]
+        g_ids = bi.ravel()[nodes]
+        lens = graph.indptr[g_ids + 1] - graph.indptr[g_ids]
+        offs = np.repeat(graph.indptr[g_ids] - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+        src = np.repeat(nodes, lens)                          # local id of each edge's start
+        dst_key = (src // m) * n + graph.indices[offs]        # (same query, neighbour id)
+        pos = np.searchsorted(node_keys, dst_key)
+        hit = pos < len(node_keys)
+        hit[hit] = node_keys[pos[hit]] == dst_key[hit]
+        src, dst, w = src[hit], nodes[pos[hit]], affinity[offs[hit]]
+        order = np.lexsort((dst, src))
+        sub = _normalized_graph(src[order], dst[order], w[order], b * m)
+        y = np.zeros(b * m, dtype)
+        head = np.zeros((b, m), bool)
+        head[:, :query_k] = True
+        use = head.ravel() & bv.ravel()
+        y[use] = np.maximum(bs.ravel()[use], 0.0) ** gamma
+        f = conjugate_gradient(sub, y, alpha, tol, maxiter, dtype).reshape(b, m)
+        f = np.where(bv, f, 0.0)
+        sc, loc = top_k_columns(f.T, topk)                    # (b, topk) positions in lists
+        out_s[s:s + b] = sc
+        out_i[s:s + b] = np.where(loc >= 0, np.take_along_axis(bi, np.maximum(loc, 0), 1), -1)
+    return out_s, out_i
+
+
+def _row_ids(graph: Graph) -> np.ndarray:
+    return np.repeat(np.arange(graph.n), np.diff(graph.indptr))
 
 
 def top_k_columns(f: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
