@@ -33,7 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index.search import apply_search_params, merge_topk, topk_rows
-from index.vectors import VectorFileError, check_schema, detect_kind, iter_vector_batches, open_dataset
+from index.vectors import (
+    VectorFileError,
+    check_schema,
+    detect_kind,
+    iter_vector_batches,
+    open_dataset,
+)
 from index.versions import IndexHome, finalize_manifest, shard_files
 
 log = logging.getLogger(__name__)

@@ -334,7 +334,7 @@ class ShardedIndex:
     def close(self) -> None:
         self._backend.close()
 
-    def __enter__(self) -> "ShardedIndex":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -350,7 +350,7 @@ def read_ids_tables(vdir: str, num_shards: int) -> pa.Table:
 
 
 def open_index(path: str, verify: bool = False, mmap: bool = True, executor: str = "local",
-               use_gpu: bool | None = None, version: str | None = None, retries: int = 3
+               use_gpu: bool | None = None, version: str | None = None, retries: int = 5
                ) -> ShardedIndex:
     """Open ``ROOT/NAME`` at the version CURRENT names (or `version`, or a version directory).
 
@@ -377,13 +377,14 @@ def open_index(path: str, verify: bool = False, mmap: bool = True, executor: str
                 backend = _RayShards(vdir, manifest, mmap, verify)
             else:
                 backend = _LocalShards(vdir, manifest, mmap, use_gpu)
-        except (FileNotFoundError, IndexVersionError) as e:
+        except (OSError, RuntimeError, IndexVersionError) as e:  # faiss I/O errors are RuntimeError
             # CURRENT moved on and the version we read was pruned in between: read CURRENT again
             if version is None and attempt + 1 < retries and not os.path.isdir(vdir):
                 continue
             if isinstance(e, IndexVersionError):
                 raise
-            raise IndexVersionError(f"{vdir}: incomplete index version: {e}") from None
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise IndexVersionError(f"{vdir}: cannot load index version: {msg}") from None
         idx = ShardedIndex(str(path), ver, vdir, manifest, backend, labels)
         if idx.ntotal != len(idx):
             idx.close()

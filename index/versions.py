@@ -24,9 +24,9 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterator
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
@@ -78,7 +78,7 @@ class IndexHome:
     path: str
 
     @classmethod
-    def of(cls, root: str, name: str) -> "IndexHome":
+    def of(cls, root: str, name: str) -> IndexHome:
         return cls(os.path.join(_local(root), name))
 
     def __post_init__(self):

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from index.vectors import l2_normalize, make_centroids_table, make_embeddings_table, write_table_atomic
+from index.vectors import (
+    l2_normalize,
+    make_centroids_table,
+    make_embeddings_table,
+    write_table_atomic,
+)
 
 
 def clustered(n: int, dim: int, seed: int = 0, clusters: int = 50, noise: float = 0.35) -> np.ndarray:

@@ -6,12 +6,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from index.build import (BuildConfig, IndexBuildError, build_index, choose_index_type, nlist_for,
-                         recall_at, shard_of)
+from index.build import (
+    BuildConfig,
+    IndexBuildError,
+    build_index,
+    choose_index_type,
+    nlist_for,
+    recall_at,
+    shard_of,
+)
 from index.search import exact_search, open_index
 from index.vectors import VectorFileError
 from index.versions import IndexHome, shard_files, verify_files
-
 from tests.index.index_data import clustered, write_vectors
 
 
@@ -123,6 +129,7 @@ def test_bad_inputs_leave_nothing(tmp_path):
     x = clustered(50, 8)
     x[3, 2] = np.nan
     import pyarrow as pa
+
     from index.vectors import embeddings_schema, embeddings_to_arrow, write_table_atomic
 
     schema = embeddings_schema(8, "m1")

@@ -1,11 +1,18 @@
 import json
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
-from index.versions import (CURRENT, MANIFEST, IndexHome, IndexVersionError, finalize_manifest,
-                            resolve_version)
+from index.versions import (
+    CURRENT,
+    MANIFEST,
+    IndexHome,
+    IndexVersionError,
+    finalize_manifest,
+    resolve_version,
+)
 
 
 def make_version(home: IndexHome, payload: bytes = b"x", version: str | None = None) -> str:
@@ -20,7 +27,7 @@ def test_version_appears_complete_with_sha256(tmp_path):
     home = IndexHome.of(tmp_path, "idx")
     ver = make_version(home, b"hello")
     vdir = home.version_dir(ver)
-    man = json.load(open(os.path.join(vdir, MANIFEST)))
+    man = json.loads(Path(vdir, MANIFEST).read_text())
     import hashlib
     assert man["files"]["shard-000.faiss"]["sha256"] == hashlib.sha256(b"hello").hexdigest()
     assert man["files"]["shard-000.faiss"]["bytes"] == 5
@@ -31,13 +38,11 @@ def test_version_appears_complete_with_sha256(tmp_path):
 
 def test_failed_version_leaves_nothing(tmp_path):
     home = IndexHome.of(tmp_path, "idx")
-    with pytest.raises(RuntimeError):
-        with home.new_version() as (_, tmp):
-            open(os.path.join(tmp, "shard-000.faiss"), "wb").write(b"partial")
-            raise RuntimeError("crash mid-build")
-    with pytest.raises(IndexVersionError, match="manifest"):
-        with home.new_version() as (_, tmp):
-            open(os.path.join(tmp, "shard-000.faiss"), "wb").write(b"no manifest")
+    with pytest.raises(RuntimeError), home.new_version() as (_, tmp):
+        Path(tmp, "shard-000.faiss").write_bytes(b"partial")
+        raise RuntimeError("crash mid-build")
+    with pytest.raises(IndexVersionError, match="manifest"), home.new_version() as (_, tmp):
+        Path(tmp, "shard-000.faiss").write_bytes(b"no manifest")
     assert os.listdir(home.path) == []
     assert home.list_versions() == []
 
@@ -51,7 +56,7 @@ def test_publish_rollback_and_current(tmp_path):
     with pytest.raises(IndexVersionError):
         home.publish("does-not-exist")
     home.publish(v3)
-    assert open(os.path.join(home.path, CURRENT)).read().strip() == v3
+    assert Path(home.path, CURRENT).read_text().strip() == v3
     assert home.rollback() == v2 and home.current() == v2
     assert home.rollback() == v1 and home.current() == v1
     with pytest.raises(IndexVersionError, match="no version older"):
@@ -80,7 +85,7 @@ def test_verify_detects_tampering(tmp_path):
     ver = make_version(home, b"abcdef")
     home.verify(ver)
     path = os.path.join(home.version_dir(ver), "shard-000.faiss")
-    open(path, "wb").write(b"abcdeF")  # same size, one byte changed
+    Path(path).write_bytes(b"abcdeF")  # same size, one byte changed
     with pytest.raises(IndexVersionError, match="sha256"):
         home.verify(ver)
     os.remove(path)

@@ -1,0 +1,61 @@
+"""Build a sharded FAISS index version from embeddings/centroids Parquet and publish it.
+
+    python pipelines/build_index.py --vectors centroids/ --root indexes --name market --shards 4
+
+Writes ROOT/NAME/<version>/ (manifest.json, shard-NNN.faiss, shard-NNN.ids.parquet) under a
+temporary name, renames it complete, then points ROOT/NAME/CURRENT at it (unless --no-publish).
+"""
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
+
+import argparse
+import json
+
+from pipelines._cli import run_main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vectors", required=True,
+                   help="embeddings or centroids Parquet file or directory (local or pyarrow URI)")
+    p.add_argument("--root", required=True, help="index root directory (local / mounted filesystem)")
+    p.add_argument("--name", required=True, help="index name: versions live in ROOT/NAME/")
+    p.add_argument("--shards", type=int, default=1, help="number of shards (by blake2b(item_id)); default 1")
+    p.add_argument("--index-type", default="auto",
+                   help="auto (autofaiss-style choice), flat, hnsw, ivf, ivfpq, or a FAISS factory "
+                        "string such as 'IVF4096,Flat' (default auto)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="memory budget in GiB for all shards' indexes; auto switches to OPQ+IVF+PQ "
+                        "above it (default: no limit)")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@10 vs exact search that nprobe/efSearch are tuned to (default 0.95)")
+    p.add_argument("--eval-queries", type=int, default=1000,
+                   help="sampled vectors used as held-out queries for tuning (default 1000)")
+    p.add_argument("--batch-size", type=int, default=65536, help="vectors read per batch (default 65536)")
+    p.add_argument("--version", default=None, help="version name (default: UTC timestamp + random suffix)")
+    p.add_argument("--no-publish", action="store_true", help="write the version but leave CURRENT alone")
+    p.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto",
+                   help="GPU k-means training (auto: when faiss sees a GPU)")
+    p.add_argument("--seed", type=int, default=0, help="sampling / k-means seed (default 0)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from index.build import BuildConfig, build_index
+
+    cfg = BuildConfig(shards=args.shards, index_type=args.index_type, max_memory_gb=args.max_memory,
+                      target_recall=args.target_recall, eval_queries=args.eval_queries,
+                      batch_size=args.batch_size, seed=args.seed,
+                      use_gpu={"auto": None, "yes": True, "no": False}[args.gpu])
+    res = build_index(args.vectors, args.root, args.name, cfg, publish=not args.no_publish,
+                      version=args.version, progress=lambda m: print(m, flush=True))
+    m = res.manifest
+    print(json.dumps({"version": res.version, "path": res.path, "published": res.published,
+                      "index_type": m["index_type"], "num_vectors": m["num_vectors"],
+                      "search_params": m["search_params"], "recall": m["recall"],
+                      "seconds": round(res.seconds, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
