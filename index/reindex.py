@@ -740,14 +740,19 @@ class Reindexer:
                 "gate": state.get("gate", {}),
                 "published_version": state.get("published_version"),
                 "published_embeddings": state.get("published_embeddings"),
+                "published_generation": state.get("published_generation"),
                 "committed_at": None, "run": self.run_id}
         current = self.home.current()
+        # up to date: same rows and model as the committed generation, and that generation is
+        # the one published (not one whose version the gate refused)
         unchanged = (summary.added == 0 and summary.removed == 0 and state.get("model") == cfg.model_id
+                     and state.get("generation", 0) > 0
+                     and state.get("published_generation") == state.get("generation")
                      and current is not None and current == state.get("published_version")
                      and state.get("build_key") == cfg.build_key())
         if unchanged:
             base.update(published_version=current, published_embeddings=base["embeddings"],
-                        committed_at=_now())
+                        published_generation=g, committed_at=_now())
             self.commit(base)
             summary.status, summary.published = "up-to-date", current
             summary.reason = f"no gallery change; {current} stays published"
@@ -788,7 +793,8 @@ class Reindexer:
         gate = dict(base["gate"])
         gate[version] = {k: decision.new[k] for k in ("mAP", "mINP", "num_valid_queries", "k", "model")}
         gate = dict(list(gate.items())[-GATE_HISTORY:])
-        base.update(published_version=version, published_embeddings=base["embeddings"], gate=gate)
+        base.update(published_version=version, published_embeddings=base["embeddings"],
+                    published_generation=g, gate=gate)
         pending["commit"] = {**base, "committed_at": _now()}
         write_json_atomic(self.pending_path, pending)
         t = time.perf_counter()

@@ -146,12 +146,28 @@ def embed_with_ray(args, previous: str | None, out: str) -> dict:
         return json.load(f)
 
 
+def model_identity(model_dir: str) -> str:
+    """The model's id (model.checkpoint: sha256 prefix of model.pt), with its config checked,
+    without building the network (the embed step loads it)."""
+    from index.storage import resolve
+    from model.checkpoint import CONFIG_FILE, MODEL_FILE, model_id_from_bytes
+    from model.config import ModelConfig
+
+    fs, root = resolve(model_dir)
+    try:
+        with fs.open_input_stream(f"{root}/{CONFIG_FILE}") as f:
+            ModelConfig.from_json(f.read().decode())
+        with fs.open_input_stream(f"{root}/{MODEL_FILE}") as f:
+            return model_id_from_bytes(f.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--model {model_dir}: not a model directory ({MODEL_FILE} + {CONFIG_FILE})") from None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import pyarrow.compute as pc
 
     from index.reindex import ReindexConfig, Reindexer
-    from model.checkpoint import load_model
     from model.manifest import read_manifest
 
     args.root = args.root or os.path.dirname(os.path.abspath(args.gallery_manifest))
@@ -163,8 +179,7 @@ def main(argv=None) -> int:
     manifest = manifest.filter(pc.equal(manifest.column("split"), args.split))
     if manifest.num_rows == 0:
         raise ValueError(f"{args.gallery_manifest}: no rows of split {args.split}")
-    _net, _cfg, model_id = load_model(args.model)  # validates the model before any work
-    del _net
+    model_id = model_identity(args.model)
     cfg = ReindexConfig(
         work=args.work, index_root=args.index_root, name=args.name, validation=args.validation,
         model_id=model_id, published_validation=args.published_validation, max_drop=args.max_drop,
