@@ -153,7 +153,7 @@ def main() -> None:
                    help="row order: an item's images together (as embed writes a gallery) or shuffled")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs for the pipeline's local Ray")
     p.add_argument("--batch-size", type=int, default=8192)
-    p.add_argument("--sums-dtype", choices=["float32", "float64"], default="float64",
+    p.add_argument("--sums-dtype", choices=["float32", "float64"], default="float32",
                    help="the pipeline's --sums-dtype")
     p.add_argument("--workdir", default=None, help="where the data go (default: a temporary folder)")
     p.add_argument("--numpy-child", nargs=2, help=argparse.SUPPRESS)

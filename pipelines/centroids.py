@@ -8,7 +8,7 @@
    combined into one row per item (index.centroids.combine_table): no node ever holds all
    embeddings, only its buckets' partial sums;
 3. the driver streams the item rows into OUT/centroids.parquet (DESIGN centroids contract) and
-   OUT/item_camera_sums.parquet (item_id, camera_id, sum fixed_size_list<float64>[D], count),
+   OUT/item_camera_sums.parquet (item_id, camera_id, sum fixed_size_list<float32>[D] (float64 with --sums-dtype float64), count),
    the per-(item, camera) sums that centroid-mode evaluation with camera exclusion and nightly
    updates of touched items need.
 OUT appears only when both files are complete (temporary directory, then rename).
@@ -34,11 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8192,
                    help="rows per partial-sum batch (default 8192)")
     p.add_argument("--buckets", type=int, default=0,
-                   help="hash buckets for the shuffle by item (default: enough for ~256 MB of input each, "
+                   help="hash buckets for the shuffle by item (default: enough for ~64 MB of input each, "
                         ">= 2 per CPU)")
-    p.add_argument("--sums-dtype", choices=["float32", "float64"], default="float64",
-                   help="precision of the shuffled partial sums and of item_camera_sums.parquet (always "
-                        "accumulated in float64; float32 halves shuffle memory and the file, default float64)")
+    p.add_argument("--sums-dtype", choices=["float32", "float64"], default="float32",
+                   help="how the shuffled partial sums and item_camera_sums.parquet store sums (always "
+                        "accumulated in float64; float32, the default, halves shuffle memory and the file "
+                        "at a relative rounding of 6e-8; float64 keeps exact sums)")
     add_ray_arguments(p)
     return p.parse_args(argv)
 
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     import ray.data
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    buckets = args.buckets or max(2 * cpus, math.ceil(input_bytes / (256 << 20)))
+    buckets = args.buckets or max(2 * cpus, math.ceil(input_bytes / (64 << 20)))
     print(f"centroids: {rows} embeddings (dim {meta.dim}, model {meta.model}) in {len(files)} file(s), "
           f"{buckets} buckets", flush=True)
     t0 = time.perf_counter()
