@@ -13,8 +13,10 @@ always kept sorted by image_id so that the same input gives a byte-identical fil
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import uuid
 from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
@@ -113,13 +115,27 @@ def validate_manifest(table: pa.Table, source: str = "manifest") -> pa.Table:
     return table.sort_by("image_id")
 
 
-def write_manifest(table: pa.Table, path: str) -> None:
-    """Write a (validated) manifest to Parquet at `path` (a local or temporary path).
+def write_manifest(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write a (validated) manifest to Parquet at `path`.
 
-    Deterministic: same table -> same bytes (no timestamps in Parquet metadata).
+    Deterministic: same rows -> same bytes (sorted by image_id, no timestamps in the file).
+    A local path is written to a temporary name beside it and renamed into place, so a reader
+    never sees a half-written manifest; a URI (s3://...) is written directly.
     """
     table = validate_manifest(table)
-    pq.write_table(table, path, compression="zstd")
+    path = os.fspath(path)
+    if "://" in path:
+        pq.write_table(table, path, compression="zstd")
+        return
+    parent, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(parent, f".tmp-{base}-{uuid.uuid4().hex[:8]}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def read_manifest(path: str | os.PathLike) -> pa.Table:

@@ -78,3 +78,14 @@ def test_read_manifest_accepts_compatible_types(tmp_path):
 def test_rejected_table_sorted():
     t = make_rejected_table([("b", "x"), ("a", "y")])
     assert t.to_pylist() == [{"path": "a", "reason": "y"}, {"path": "b", "reason": "x"}]
+
+
+def test_write_manifest_is_atomic(tmp_path):
+    target = tmp_path / "m.parquet"
+    write_manifest(make_manifest_table([row("a")]), target)
+    before = target.read_bytes()
+    bad = make_manifest_table([row("a")]).set_column(3, "split", pa.array(["nope"]))
+    with pytest.raises(ManifestError):
+        write_manifest(bad, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.parquet"]
