@@ -175,6 +175,9 @@ def train_loop_per_worker(config: dict) -> None:
                              max_pixels=dcfg.max_pixels, reader=reader)
         stats = train_epoch(net, center, opt, copt, loader, tcfg, epoch, device=str(device),
                             scaler=scaler, channels_last=on_gpu and tcfg.channels_last)
+        if stats.images == 0:
+            reason = loader.skipped[0] if loader.skipped else "no batches"
+            raise RuntimeError(f"epoch {epoch}: no training image could be read ({reason})")
         metrics = _global_stats(stats, len(loader.skipped), device)
         metrics["epoch"] = epoch
         metrics["resumed_at"] = start
@@ -312,7 +315,11 @@ def prepare_data(cfg) -> dict:
 
     if not cfg.data.shards:
         raise ValueError("no shards given (--shards or data.shards)")
-    train_urls = list_shards(cfg.data.shards, cfg.data.train_split)
+    def urls(split):  # absolute: Ray workers do not run in this process's directory
+        return [u if "://" in u else os.path.abspath(u)
+                for u in list_shards(cfg.data.shards, split)]
+
+    train_urls = urls(cfg.data.train_split)
     if not train_urls:
         raise FileNotFoundError(f"no {cfg.data.train_split}-NNNNNN.tar shards in {cfg.data.shards}")
     train_index = index_shards(train_urls)
@@ -326,8 +333,7 @@ def prepare_data(cfg) -> dict:
     out = {"train_index": train_index, "items": items, "eval": False}
     if cfg.train.eval_every >= 0:
         try:
-            q = list_shards(cfg.data.shards, cfg.data.query_split)
-            g = list_shards(cfg.data.shards, cfg.data.gallery_split)
+            q, g = urls(cfg.data.query_split), urls(cfg.data.gallery_split)
         except FileNotFoundError:
             q, g = [], []
         if q and g:
