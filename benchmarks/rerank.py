@@ -147,7 +147,7 @@ def part_scale(a) -> dict:
     cpu0 = cpu_seconds()
     t1 = time.perf_counter()
     res = k_reciprocal_sparse(q, g, a.k1, a.k2, a.lambda_value, topk=a.topk, search_fn=search,
-                              max_distance=a.max_distance if a.max_distance == "search"
+                              max_distance=a.max_distance if a.max_distance in ("search", "sample")
                               else float(a.max_distance), stats=stages)
     t_rerank = time.perf_counter() - t1
     cpu_rerank = cpu_seconds() - cpu0
@@ -186,20 +186,25 @@ def part_agree(a) -> dict:
     out["exact"] = dense_metrics(-exact, qi, gi)
     exact_top = np.argsort(exact, axis=1, kind="stable")[:, :a.topk]
     out["exact"].update(metrics_at_k(exact_top, qi, gi, a.topk))
-    for kind in ("flat", "ivf"):
+    md = a.max_distance if a.max_distance in ("search", "sample") else float(a.max_distance)
+    for kind, norm in (("flat", "search"), ("flat", "sample"), ("ivf", md)):
         search, _ = make_search(np.concatenate([q, g]), kind, a.agree_nlist, a.nprobe)
         t = time.perf_counter()
-        res = k_reciprocal_sparse(q, g, a.k1, a.k2, a.lambda_value, topk=a.topk, search_fn=search)
+        res = k_reciprocal_sparse(q, g, a.k1, a.k2, a.lambda_value, topk=a.topk, search_fn=search,
+                                  max_distance=norm)
         sec = time.perf_counter() - t
         m = dense_metrics(res.dense_scores(len(g)), qi, gi)
         m.update(metrics_at_k(res.ids, qi, gi, a.topk))
         m["seconds"] = round(sec, 2)
+        m["max_distance"] = norm
         m["identical_topk_lists"] = float((res.ids == exact_top).all(axis=1).mean())
         m["max_abs_distance_diff"] = float(np.nanmax(np.abs(
-            np.take_along_axis(exact, exact_top, axis=1) - res.distances))) if kind == "flat" else None
+            np.take_along_axis(exact, exact_top, axis=1) - res.distances)))
         m["mAP_diff_points"] = round(100 * (m["mAP"] - out["exact"]["mAP"]), 3)
         m["certified_fraction"] = float(res.certified.mean())
-        out[f"sparse_{kind}"] = m
+        if kind == "ivf":
+            m["neighbour_recall_at_k1+1"] = neighbour_recall(np.concatenate([q, g]), search, a.k1 + 1)
+        out[f"sparse_{kind}_{norm}"] = m
     return out
 
 
@@ -223,7 +228,8 @@ def parse_args(argv=None):
     p.add_argument("--lambda-value", type=float, default=0.3)
     p.add_argument("--topk", type=int, default=100, help="re-ranked results per query")
     p.add_argument("--max-distance", default="search",
-                   help="row normaliser: 'search' (farthest-point search) or a constant such as 4")
+                   help="row normaliser: 'search' (farthest-point search), 'sample' (farthest of "
+                        "8,192 sampled points) or a constant such as 4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     return p.parse_args(argv)
