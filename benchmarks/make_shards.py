@@ -5,7 +5,8 @@
 
 Runs the real CLI in a child process `--repeat` times per worker count and reports the best
 wall time as images/s (process start and imports included), plus the child's CPU seconds
-(user + system) per image: on a shared machine the CPU figure is the steadier one. The load
+(user + system) per image: on a shared machine the CPU figure is the steadier one, but it is
+complete only with --workers 1 (decode workers run under a forkserver, not as children). The load
 average at the start is printed because other jobs on the same cores slow the wall figure.
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702

@@ -34,6 +34,7 @@ because shards carry only ``jpg``/``png``. With ``resize=(H, W)`` every image is
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -366,16 +367,29 @@ def _check_task(args: tuple[str, CheckConfig]) -> CheckedImage:
 
 
 def iter_checked(root: str, rows: Sequence[dict], config: CheckConfig = CheckConfig(),
-                 workers: int = 1) -> Iterator[tuple[dict, CheckedImage]]:
-    """(row, CheckedImage) for every row, in the order given; decoding runs on `workers`
-    processes (ordered imap, so results are deterministic)."""
+                 pool=None) -> Iterator[tuple[dict, CheckedImage]]:
+    """(row, CheckedImage) for every row, in the order given. With a multiprocessing `pool`
+    the decoding runs there (ordered imap, so results stay deterministic)."""
     tasks = ((os.path.join(root, *r["path"].split("/")), config) for r in rows)
-    if workers <= 1 or len(rows) < 64:
+    if pool is None or len(rows) < 64:
         for row, task in zip(rows, tasks):
             yield row, _check_task(task)
         return
-    with multiprocessing.get_context().Pool(workers) as pool:
-        yield from zip(rows, pool.imap(_check_task, tasks, chunksize=64))
+    yield from zip(rows, pool.imap(_check_task, tasks, chunksize=32))
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, n_tasks: int):
+    """A process pool for image checks, or None when one process is enough.
+
+    forkserver: workers are forked from a clean server process, not from the caller, whose
+    threads (Arrow's pools, Ray) make a plain fork unsafe.
+    """
+    if workers <= 1 or n_tasks < 64:
+        yield None
+        return
+    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+        yield pool
 
 
 # ---------------------------------------------------------------- whole dataset
@@ -422,22 +436,23 @@ def build_dataset(scan: Scan, root: str, out_dir: str, config: CheckConfig = Che
         by_split[r["split"]].append(r)
     shard_dir = os.path.join(out_dir, "shards")
     os.makedirs(shard_dir, exist_ok=True)
-    for split in SPLITS:
-        rows = sorted(by_split.get(split, []), key=lambda r: r["image_id"])
-        if not rows:
-            continue
+    with worker_pool(workers, len(scan.rows)) as pool:
+        for split in SPLITS:
+            rows = sorted(by_split.get(split, []), key=lambda r: r["image_id"])
+            if not rows:
+                continue
 
-        def samples(rows=rows, split=split) -> Iterable[tuple[dict, bytes, str]]:
-            for done, (row, res) in enumerate(iter_checked(root, rows, config, workers), 1):
-                if progress is not None:
-                    progress(split, done, len(rows))
-                if res.ok:
-                    kept.append(row)
-                    yield row, res.data, res.ext
-                else:
-                    rejected.append((row["path"], res.reason))
+            def samples(rows=rows, split=split) -> Iterable[tuple[dict, bytes, str]]:
+                for done, (row, res) in enumerate(iter_checked(root, rows, config, pool), 1):
+                    if progress is not None:
+                        progress(split, done, len(rows))
+                    if res.ok:
+                        kept.append(row)
+                        yield row, res.data, res.ext
+                    else:
+                        rejected.append((row["path"], res.reason))
 
-        shard_counts[split] = len(write_shards(samples(), shard_dir, split, shard_size))
+            shard_counts[split] = len(write_shards(samples(), shard_dir, split, shard_size))
     if not kept:
         raise IngestError(f"no readable images under {root}: all {len(rejected)} rejected")
     manifest = make_manifest_table(kept)
