@@ -411,3 +411,49 @@ def test_bad_input_is_one_line(world, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
     assert not (tmp_path / "indexes" / "gallery" / "CURRENT").exists()
+
+
+# ---------------------------------------------------------------- through `ray job submit`
+
+
+@pytest.mark.slow
+def test_three_nights_as_ray_jobs_on_a_local_head(world, tmp_path):
+    """A private local head; each night is `ray job submit ... -- python pipelines/reindex.py`
+    (Ray Data embedding on the head's workers), all paths absolute."""
+    from cluster import jobs, local
+    from index.search import open_index
+
+    g = world["gallery"]
+    n = g.num_rows
+    first = g.slice(0, n - HELD_BACK)
+    third = g.slice(REMOVED)  # the 20 held back come in, the first 5 go
+    m1, m3 = night(world, tmp_path, first, "night1"), night(world, tmp_path, third, "night3")
+    work, home = tmp_path / "work", IndexHome.of(str(tmp_path / "indexes"), "gallery")
+
+    def job_args(manifest: Path) -> tuple[str, ...]:
+        a = argv(world, manifest, tmp_path, *GROWTH, "--batch-size", "16")
+        i = a.index("--executor")
+        return tuple(a[:i] + a[i + 2:])  # default executor: Ray
+
+    with local.local_head(num_cpus=3, object_store_memory=200 * 1024**2) as head:
+        def submit(manifest: Path) -> dict:
+            res = jobs.submit(jobs.JobSpec(script="pipelines/reindex.py", args=job_args(manifest),
+                                           address=head.dashboard_url, working_dir=str(REPO)),
+                              env=head.client_env(), timeout=900)
+            assert (res.status, res.exit_code) == ("SUCCEEDED", 0), res
+            return last_run(work)
+
+        s1 = submit(m1)
+        assert s1["embed"]["embedded"] == first.num_rows and s1["run"]["status"] == "published"
+        v1 = home.current()
+        s2 = submit(m1)
+        assert s2["embed"]["embedded"] == 0 and s2["embed"]["carried"] == first.num_rows
+        assert home.current() == v1
+        s3 = submit(m3)
+    assert s3["embed"]["embedded"] == HELD_BACK
+    assert (s3["centroids"]["added"], s3["centroids"]["removed"]) == (HELD_BACK, REMOVED)
+    assert s3["run"]["status"] == "published" and home.current() != v1
+    assert sorted(committed_image_ids(work)) == sorted(third.column("image_id").to_pylist())
+    items = set(third.column("item_id").to_pylist())
+    with open_index(home.path, verify=True) as idx:
+        assert len(idx) == len(items) and set(idx._labels.column("item_id").to_pylist()) == items
