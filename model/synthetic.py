@@ -329,7 +329,8 @@ def write_dataset(cfg: SyntheticConfig, out_dir: str, workers: int = 1,
             if progress:
                 progress(done, total)
     else:
-        with multiprocessing.get_context().Pool(workers) as pool:
+        # forkserver: workers do not inherit the caller's threads (Arrow, Ray), unlike fork.
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             for n in pool.imap_unordered(_run, tasks):
                 done += n
                 if progress:
