@@ -99,6 +99,8 @@ class CheckedImage:
 
 @dataclass
 class IngestSummary:
+    """What build_dataset wrote: images, distinct items and shards per split; rejected count."""
+
     counts: dict[str, int]
     items: dict[str, int]
     rejected: int
@@ -130,14 +132,19 @@ def _inside(real_root: str, path: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
-def _walk_files(root: str, sub: str) -> list[str]:
-    """Files under root/sub as sorted root-relative '/' paths (symlinked dirs not followed)."""
+def _walk_files(root: str, sub: str, rejected: list[tuple[str, str]]) -> list[str]:
+    """Files under root/sub as sorted root-relative '/' paths. Symlinked folders are not
+    followed (they could loop or leave the root); they are added to `rejected`."""
     out = []
     for dirpath, dirnames, filenames in os.walk(os.path.join(root, sub)):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, root)
+        parts = rel_dir.split(os.sep) if rel_dir != "." else []
+        for d in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, d)):
+                rejected.append((posixpath.join(*parts, d), "symlinked folder (not followed)"))
         for f in filenames:
-            out.append(posixpath.join(*rel_dir.split(os.sep), f) if rel_dir != "." else f)
+            out.append(posixpath.join(*parts, f))
     return sorted(out)
 
 
@@ -150,7 +157,7 @@ def scan_market1501(root: str) -> Scan:
                           f"{', '.join(MARKET_FOLDERS)}")
     scan = Scan()
     for folder in present:
-        for rel in _walk_files(root, folder):
+        for rel in _walk_files(root, folder, scan.rejected):
             if not _inside(real_root, os.path.join(root, rel)):
                 scan.rejected.append((rel, "symlink points outside the dataset root"))
                 continue
@@ -204,7 +211,7 @@ def scan_folders(root: str, query_per_item: int = 1, train_fraction: float = 0.5
         if not _inside(real_root, full):
             scan.rejected.append((name, "symlink points outside the dataset root"))
         elif os.path.isdir(full):
-            for rel in _walk_files(root, name):
+            for rel in _walk_files(root, name, scan.rejected):
                 if not _inside(real_root, os.path.join(root, rel)):
                     scan.rejected.append((rel, "symlink points outside the dataset root"))
                 else:

@@ -300,10 +300,12 @@ def test_scan_folders_rejects_symlinks_out(tmp_path):
     write(root / "a" / "0.jpg", encoded())
     os.symlink(outside, root / "a" / "1.jpg")
     os.symlink(outside.parent, root / "b")
+    os.symlink(root / "a", root / "a" / "loop")  # inside the root, but could loop
     scan = scan_folders(str(root), train_fraction=1.0)
     assert [r["image_id"] for r in scan.rows] == ["a/0.jpg"]
-    assert sorted(p for p, _ in scan.rejected) == ["a/1.jpg", "b"]
-    assert all("outside the dataset root" in why for _, why in scan.rejected)
+    assert sorted(scan.rejected) == [("a/1.jpg", "symlink points outside the dataset root"),
+                                     ("a/loop", "symlinked folder (not followed)"),
+                                     ("b", "symlink points outside the dataset root")]
 
 
 # ---------------------------------------------------------------- manifest
