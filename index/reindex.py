@@ -526,6 +526,7 @@ class ReindexConfig:
     index_kind: str = "centroids"
     gate_k: int = 100
     batch_size: int = 65536
+    max_error_fraction: float = 0.05
     kill_after: str | None = None
 
     def check(self) -> ReindexConfig:
@@ -539,6 +540,8 @@ class ReindexConfig:
             raise ValueError(f"--max-drop must be in [0, 1], got {self.max_drop}")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+        if not 0 <= self.max_error_fraction <= 1:
+            raise ValueError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.gate_k < 1:
             raise ValueError(f"--gate-k must be >= 1, got {self.gate_k}")
         if self.kill_after is not None and self.kill_after not in STEPS:
@@ -711,6 +714,13 @@ class Reindexer:
         summary.errors, summary.images = int(emb.get("errors", 0)), n_rows
         self.say(f"reindex: embed: {summary.embedded} embedded, {summary.carried} carried, "
                  f"{summary.errors} error(s), {n_rows} images")
+        # unreadable images silently leave the gallery: many of them means broken storage or
+        # data, not a gallery change, and must not be published
+        if summary.errors > cfg.max_error_fraction * (n_rows + summary.errors):
+            self.log.write("embed", "failed", errors=summary.errors, images=n_rows)
+            raise ReindexError(f"{summary.errors} of {n_rows + summary.errors} gallery images could not be "
+                               f"embedded (more than --max-error-fraction {cfg.max_error_fraction}); "
+                               f"see {os.path.join(emb_dir, '_errors.parquet')}")
         self._step_done("embed", t, embedded=summary.embedded, carried=summary.carried,
                         errors=summary.errors, images=n_rows, cache=cache)
 

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto, flat, hnsw, ivf, ivfpq or a FAISS factory string (default auto)")
     p.add_argument("--index-kind", default="centroids", choices=["centroids", "embeddings"],
                    help="index one centroid per item (default) or every image embedding")
+    p.add_argument("--max-error-fraction", type=float, default=0.05,
+                   help="refuse the run when more than this fraction of the gallery images cannot be "
+                        "read or decoded (default 0.05)")
     p.add_argument("--gate-k", type=int, default=100, help="ranked list length for the gate's mAP@k (default 100)")
     p.add_argument("--executor", default="ray", choices=["ray", "local"],
                    help="ray: embed with Ray Data (pipelines/embed.py); local: embed in this process "
@@ -184,7 +187,8 @@ def main(argv=None) -> int:
         work=args.work, index_root=args.index_root, name=args.name, validation=args.validation,
         model_id=model_id, published_validation=args.published_validation, max_drop=args.max_drop,
         target_recall=args.target_recall, keep=args.keep, shards=args.shards, index_type=args.index_type,
-        index_kind=args.index_kind, gate_k=args.gate_k, kill_after=os.environ.get(KILL_ENV) or None).check()
+        index_kind=args.index_kind, gate_k=args.gate_k, max_error_fraction=args.max_error_fraction,
+        kill_after=os.environ.get(KILL_ENV) or None).check()
     print(f"reindex: {manifest.num_rows} {args.split} images in {args.gallery_manifest}, model {model_id}, "
           f"index {os.path.join(args.index_root, args.name)}", flush=True)
 

@@ -412,6 +412,21 @@ def test_bad_input_is_one_line(world, tmp_path, capsys):
         assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
     assert not (tmp_path / "indexes" / "gallery" / "CURRENT").exists()
 
+    # an image that cannot be read leaves the gallery; more such than allowed stops the run
+    g = world["gallery"]
+    paths = g.column("path").to_pylist()
+    paths[3] = "bounding_box_test/missing.jpg"
+    broken = night(world, tmp_path, g.set_column(g.schema.get_field_index("path"), "path",
+                                                 pa.array(paths, pa.string())), "broken")
+    with pytest.raises(SystemExit) as e:
+        run_main(main, argv(world, broken, tmp_path, "--max-error-fraction", "0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"1 of {g.num_rows} gallery images could not be embedded" in err[0]
+    assert not (tmp_path / "indexes" / "gallery" / "CURRENT").exists()
+    assert main(argv(world, broken, tmp_path)) == 0  # 1% is within the default 5%
+    assert sorted(committed_image_ids(tmp_path / "work")) == sorted(
+        i for k, i in enumerate(g.column("image_id").to_pylist()) if k != 3)
+
 
 # ---------------------------------------------------------------- through `ray job submit`
 
