@@ -185,6 +185,10 @@ def train_loop_per_worker(config: dict) -> None:
         if config["eval"] and (last or (tcfg.eval_every > 0 and (epoch + 1) % tcfg.eval_every == 0)):
             metrics.update(_validate(net, config, cfg, rank, world, device, on_gpu))
         log(format_epoch(metrics))
+        if rank == 0 and config.get("history"):
+            os.makedirs(os.path.dirname(config["history"]), exist_ok=True)
+            with open(config["history"], "a") as f:
+                f.write(json.dumps(metrics, sort_keys=True) + "\n")
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -362,6 +366,20 @@ def main(argv=None) -> int:
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
+    out = run_training(cfg, args.address, args.num_cpus)
+    print(f"done in {out['seconds']:.0f}s; model {out['model_id']} written to {out['output']}")
+    print(json.dumps(out["metrics"], indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def run_training(cfg, address: str | None = None, num_cpus: int | None = None) -> dict:
+    """Index the shards, run the TorchTrainer, export the final model.
+
+    Returns {"metrics": last epoch's metrics, "model_id", "output", "seconds"}. Per-epoch
+    metrics are also appended to <storage>/<name>/epochs.jsonl (local storage).
+    """
+    import dataclasses
+
     check_pretrained(cfg.train.pretrained)
     data = prepare_data(cfg)
     cfg.model.num_classes = len(data["items"])
@@ -370,7 +388,7 @@ def main(argv=None) -> int:
         storage = os.path.abspath(storage)
     output = cfg.run.output or os.path.join(storage, cfg.run.name, "model")
 
-    init_ray(args.address, args.num_cpus)
+    init_ray(address, num_cpus)
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -380,9 +398,11 @@ def main(argv=None) -> int:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     print(f"training {cfg.model.backbone} on {cfg.run.num_workers} worker(s), "
           f"{'GPU' if use_gpu else 'CPU'}, {cfg.model.num_classes} classes", flush=True)
+    run_dir = os.path.join(storage, cfg.run.name)
     loop_config = {"cfg": dataclasses.asdict(cfg), **data,
                    "fail_at_epoch": _env_int("CR_TRAIN_FAIL_AT_EPOCH"),
-                   "fail_marker": os.path.join(storage, cfg.run.name, "fault-injected")}
+                   "fail_marker": os.path.join(run_dir, "fault-injected"),
+                   "history": None if "://" in run_dir else os.path.join(run_dir, "epochs.jsonl")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -399,9 +419,8 @@ def main(argv=None) -> int:
         raise RuntimeError("training produced no checkpoint")
     model_id = export_model(result.checkpoint, cfg, output)
     final = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, dict)}
-    print(f"done in {time.perf_counter() - t0:.0f}s; model {model_id} written to {output}")
-    print(json.dumps(final, indent=2, sort_keys=True, default=str))
-    return 0
+    return {"metrics": final, "model_id": model_id, "output": output,
+            "seconds": time.perf_counter() - t0}
 
 
 def export_model(checkpoint, cfg, output: str) -> str:

@@ -1,6 +1,7 @@
 """End to end: a 2-worker Ray Train run on tiny synthetic shards, resume, worker failure."""
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,3 +97,23 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and msg in err and "\n" not in err
+
+
+def test_ray_job_submit_on_a_private_local_head(tmp_path):
+    """`ray job submit --working-dir . -- python pipelines/train.py ...` against a private
+    local head (started and stopped by the test, nothing else touched); absolute paths."""
+    from cluster import jobs, local
+    from model.checkpoint import load_model
+
+    repo = Path(__file__).resolve().parents[2]
+    shards = make_tiny_shards(tmp_path)
+    args = _args(shards, tmp_path, 1, extra=("--eval-every", "-1"))
+    args = [a for a in args if a not in ("--num-cpus", "4")]
+    args[args.index("--num-workers") + 1] = "1"
+    with local.local_head(num_cpus=3, object_store_memory=200 * 1024**2) as head:
+        res = jobs.submit(jobs.JobSpec(script="pipelines/train.py", args=tuple(args),
+                                       address=head.dashboard_url, working_dir=str(repo)),
+                          env=head.client_env(), timeout=900)
+    assert (res.status, res.exit_code) == ("SUCCEEDED", 0), res
+    net, cfg, _ = load_model(str(tmp_path / "model"))
+    assert cfg.num_classes == 8 and not net.training
