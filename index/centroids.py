@@ -422,3 +422,24 @@ def split_item_rows(table: pa.Table, model: str) -> tuple[pa.Table, pa.Table]:
         "count": pc.list_flatten(table.column("pair_counts")),
     }).cast(sums_schema(dim, model, _dtype_name(table.schema.field("pair_sums").type.value_type.value_type)))
     return cents, sums
+
+
+def to_item_sums(p: PairSums, vocabulary: np.ndarray):
+    """PairSums (e.g. from read_pair_sums) -> index.metrics.ItemSums over the integer item codes of
+    `vocabulary` (LabelCodes.vocabulary: sorted item ids of queries + gallery), for centroid-mode
+    evaluation with camera exclusion (metrics.evaluate_centroids). Every item of `p` must be in
+    the vocabulary."""
+    from index.metrics import ItemSums
+
+    vocab = np.asarray(vocabulary).astype(str)
+    ids = p.item_ids.astype(str)
+    codes = np.searchsorted(vocab, ids)
+    if len(ids) and (codes.max() >= len(vocab) or (vocab[np.minimum(codes, len(vocab) - 1)] != ids).any()):
+        raise VectorFileError("item_camera_sums holds items missing from the label vocabulary")
+    c = finalize(p)
+    item_codes = np.searchsorted(vocab, c.item_ids.astype(str))
+    # like metrics.item_sums: every (item, camera) pair, none when no camera is known at all
+    known = np.full(len(p), bool((p.camera_ids != UNKNOWN_CAMERA).any()))
+    return ItemSums(item_codes.astype(np.int64), c.sums, c.counts.astype(np.int64),
+                    codes[known].astype(np.int64), p.camera_ids[known].astype(np.int64),
+                    p.sums[known], p.counts[known].astype(np.int64))

@@ -133,3 +133,17 @@ def test_arrow_stages_equal_reference(dtype):
     direct = C.combine([C.partial_sums(it, [-1 if c is None else c for c in cams], x)])
     assert (p.item_ids == direct.item_ids).all() and (p.counts == direct.counts).all()
     assert np.abs(p.sums - direct.sums).max() < 1e-5
+
+
+def test_to_item_sums_matches_metrics_item_sums():
+    from index.metrics import encode_labels, item_sums
+
+    it, cam, x = data(n=200, items=12)
+    codes = encode_labels(np.array(["3", "5"], object), it, np.array([1, 2]), cam)
+    expect = item_sums(x, codes.gallery_items, codes.gallery_cams)
+    got = C.to_item_sums(C.combine([C.partial_sums(it, cam, x)]), codes.vocabulary)
+    for f in ("items", "counts", "cam_items", "cam_ids", "cam_counts"):
+        assert np.array_equal(getattr(got, f), getattr(expect, f)), f
+    assert np.abs(got.sums - expect.sums).max() < 1e-9 and np.abs(got.cam_sums - expect.cam_sums).max() < 1e-9
+    with pytest.raises(VectorFileError, match="vocabulary"):
+        C.to_item_sums(C.combine([C.partial_sums(it, cam, x)]), np.array(["3"]))
