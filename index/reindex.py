@@ -59,6 +59,7 @@ from index.vectors import (
     VectorFileError,
     VectorTable,
     arrow_to_embeddings,
+    camera_array,
     centroids_schema,
     check_schema,
     make_centroids_table,
@@ -417,8 +418,6 @@ def gallery_labels(emb_dir: str) -> GalleryLabels:
     ds = open_dataset(emb_dir)
     cols = [c for c in ("image_id", "item_id", "camera_id") if c in ds.schema.names]
     t = ds.to_table(columns=cols)
-    from index.vectors import camera_array
-
     cams = camera_array(t.column("camera_id")) if "camera_id" in t.column_names else None
     return GalleryLabels(np.asarray(t.column("item_id").to_pylist(), dtype=object),
                          np.asarray(t.column("image_id").to_pylist(), dtype=object), cams)
@@ -530,6 +529,11 @@ class ReindexConfig:
     kill_after: str | None = None
 
     def check(self) -> ReindexConfig:
+        for name in ("work", "index_root"):
+            value = str(getattr(self, name))
+            if "://" in value and not value.startswith("file://"):
+                raise ValueError(f"--{name.replace('_', '-')} must be a local or mounted directory "
+                                 f"(locks, atomic renames), got {value}")
         if self.index_kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {self.index_kind!r}")
         if self.keep < 1:
@@ -590,7 +594,7 @@ class Reindexer:
         self.cfg = cfg.check()
         self.embed = embed
         self.say = say
-        self.work = os.path.abspath(cfg.work)
+        self.work = os.path.abspath(cfg.work.removeprefix("file://"))
         self.home = IndexHome.of(cfg.index_root, cfg.name)
         self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         self.log = RunLog(os.path.join(self.work, LOG_FILE), self.run_id)
@@ -823,8 +827,13 @@ class Reindexer:
         cfg = self.cfg
         new_labels = gallery_labels(emb_dir)
         old_report = None
+        # one list length for both versions (a gallery smaller than gate_k caps it), so their
+        # mAP@k are comparable
+        k = min(cfg.gate_k, int(self.home.manifest(version)["num_vectors"]))
         if current is not None:
-            cur_model = str(self.home.manifest(current).get("model"))
+            cur_manifest = self.home.manifest(current)
+            cur_model = str(cur_manifest.get("model"))
+            k = min(k, int(cur_manifest.get("num_vectors") or k))
             pub_emb = self.path(state.get("published_embeddings"))
             if state.get("published_version") == current and pub_emb and os.path.isdir(pub_emb):
                 old_labels = gallery_labels(pub_emb)
@@ -832,13 +841,13 @@ class Reindexer:
                 old_labels = index_labels(self.home, current)
             use_cams = old_labels.cams is not None and new_labels.cams is not None
             if cur_model == validation.meta.model:
-                old_report = evaluate_version(self.home, current, validation, old_labels, cfg.gate_k, use_cams)
+                old_report = evaluate_version(self.home, current, validation, old_labels, k, use_cams)
             elif cfg.published_validation:
                 pv = read_vectors(cfg.published_validation, kind="embeddings")
                 if pv.meta.model != cur_model:
                     raise ReindexError(f"--published-validation comes from model {pv.meta.model}, but the "
                                        f"published version {current} from model {cur_model}")
-                old_report = evaluate_version(self.home, current, pv, old_labels, cfg.gate_k, use_cams)
+                old_report = evaluate_version(self.home, current, pv, old_labels, k, use_cams)
             elif current in state.get("gate", {}):
                 old_report = {**state["gate"][current], "version": current, "recorded": True}
             else:
@@ -848,7 +857,7 @@ class Reindexer:
                     f"with query embeddings of model {cur_model}")
         else:
             use_cams = new_labels.cams is not None
-        new_report = evaluate_version(self.home, version, validation, new_labels, cfg.gate_k, use_cams)
+        new_report = evaluate_version(self.home, version, validation, new_labels, k, use_cams)
         return gate_decision(new_report, old_report, recall, cfg.target_recall, cfg.max_drop)
 
     def commit(self, state: dict) -> None:
