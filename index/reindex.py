@@ -646,14 +646,18 @@ class Reindexer:
         return state
 
     def embed_cache(self, state: dict) -> str | None:
-        """The newest complete embeddings output to carry rows from: a killed run's (its rows
-        are as good a cache as any) or the committed one."""
-        best = None
+        """The newest complete embeddings output made by this run's model to carry rows from
+        (a killed or refused run's rows are as good a cache as the committed ones), else the
+        newest one at all (embed then carries nothing), else None."""
+        newest = same_model = None
         for entry in sorted(os.listdir(self.work)):
             p = os.path.join(self.work, entry, "embeddings")
-            if entry.startswith("gen-") and os.path.isfile(os.path.join(p, "_embed.json")):
-                best = p
-        return best or self.path(state.get("embeddings"))
+            summary = read_json(os.path.join(p, "_embed.json")) if entry.startswith("gen-") else None
+            if summary is not None:
+                newest = p
+                if summary.get("model") == self.cfg.model_id:
+                    same_model = p
+        return same_model or newest or self.path(state.get("embeddings"))
 
     def collect_garbage(self, state: dict) -> list[str]:
         """Remove generation dirs other than the committed one and the published one's."""

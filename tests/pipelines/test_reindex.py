@@ -259,6 +259,12 @@ def test_gate_refuses_a_worse_model_and_checks_validation_model(world, tmp_path,
     s = last_run(tmp_path / "work")
     assert s["embed"]["embedded"] == 0  # the refused run's embeddings were kept as the cache
     assert home.current() == v1
+    # back to the good model: its embeddings (those of the published version) are still the
+    # cache, so nothing is embedded; the same quality passes the gate
+    assert main(argv(world, m1, tmp_path)) == 0
+    s = last_run(tmp_path / "work")
+    assert s["embed"]["embedded"] == 0 and s["centroids"]["mode"] == "full"
+    assert s["run"]["status"] == "published" and abs(s["gate"]["new_mAP"] - s["gate"]["old_mAP"]) < 1e-9
 
 
 def test_gate_decision_rules():
