@@ -31,10 +31,6 @@ REMOVED = 5
 # ---------------------------------------------------------------- fixtures
 
 
-def _run_tool(main, args):
-    assert main(args) == 0
-
-
 def _save_model(path: Path, seed: int = 0, collapse: bool = False) -> str:
     import torch
 
@@ -64,15 +60,14 @@ def _write_manifest(table: pa.Table, path: Path) -> Path:
 def world(tmp_path_factory):
     """Synthetic Market-layout data, its manifest, a tiny model and its validation queries."""
     from model.manifest import read_manifest
+    from pipelines import make_shards, make_synthetic
     from pipelines.reindex import embed_local
 
     base = tmp_path_factory.mktemp("reindex")
     data, shards = base / "data", base / "shards"
-    from pipelines import make_shards, make_synthetic
-
-    _run_tool(make_synthetic.main, ["--items", "22", "--images-per-item", "5", "--cameras", "3",
-               "--size", "32x16", "--train-fraction", "0.2", "--workers", "1", "--out", str(data)])
-    _run_tool(make_shards.main, ["--format", "market1501", "--root", str(data), "--out", str(shards)])
+    assert make_synthetic.main(["--items", "22", "--images-per-item", "5", "--cameras", "3", "--size", "32x16",
+                                "--train-fraction", "0.2", "--workers", "1", "--out", str(data)]) == 0
+    assert make_shards.main(["--format", "market1501", "--root", str(data), "--out", str(shards)]) == 0
     manifest = read_manifest(shards / "manifest.parquet")
     gallery = manifest.filter(pc.equal(manifest.column("split"), "gallery"))
     queries = manifest.filter(pc.equal(manifest.column("split"), "query"))
@@ -84,7 +79,8 @@ def world(tmp_path_factory):
             "model_id": model_id, "val": val}
 
 
-def night(world, tmp: Path, rows: pa.Table, name: str) -> Path:
+def night(tmp: Path, rows: pa.Table, name: str) -> Path:
+    """One night's gallery manifest."""
     return _write_manifest(rows, tmp / f"{name}.parquet")
 
 
@@ -101,11 +97,10 @@ GROWTH = ("--max-drop", "1.0")
 
 
 def last_run(work: Path) -> dict:
-    """The final event of the newest run in the run log, with its step events."""
+    """step -> last event of the newest run in the run log ("run" is its final status)."""
     events = R.read_log(str(work / R.LOG_FILE))
     run = events[-1]["run"]
-    steps = {e["step"]: e for e in events if e["run"] == run}
-    return steps
+    return {e["step"]: e for e in events if e["run"] == run}
 
 
 def committed_image_ids(work: Path) -> list[str]:
@@ -127,7 +122,7 @@ def test_three_nights_incremental(world, tmp_path):
     g = world["gallery"]
     n = g.num_rows
     first = g.slice(0, n - HELD_BACK)
-    m1 = night(world, tmp_path, first, "night1")
+    m1 = night(tmp_path, first, "night1")
     assert main(argv(world, m1, tmp_path)) == 0
     work, home = tmp_path / "work", IndexHome.of(str(tmp_path / "indexes"), "gallery")
     s1 = last_run(work)
@@ -150,7 +145,7 @@ def test_three_nights_incremental(world, tmp_path):
     assert len(removed) == REMOVED
     keep = pc.invert(pc.is_in(first.column("image_id"), value_set=pa.array(sorted(removed))))
     third = pa.concat_tables([first.filter(keep), g.slice(n - HELD_BACK)])
-    m3 = night(world, tmp_path, third, "night3")
+    m3 = night(tmp_path, third, "night3")
     assert main(argv(world, m3, tmp_path, *GROWTH, "--keep", "1")) == 0
     s3 = last_run(work)
     assert s3["embed"]["embedded"] == HELD_BACK
@@ -199,7 +194,7 @@ def test_gate_refuses_a_degraded_gallery(world, tmp_path, capsys):
     from pipelines.reindex import main
 
     g = world["gallery"]
-    m1 = night(world, tmp_path, g, "good")
+    m1 = night(tmp_path, g, "good")
     assert main(argv(world, m1, tmp_path)) == 0
     home = IndexHome.of(str(tmp_path / "indexes"), "gallery")
     v1 = home.current()
@@ -207,7 +202,7 @@ def test_gate_refuses_a_degraded_gallery(world, tmp_path, capsys):
     items = np.asarray(g.column("item_id").to_pylist(), dtype=object)
     bad = g.set_column(g.schema.get_field_index("item_id"), "item_id",
                        pa.array(np.roll(items, 7).tolist(), pa.string()))
-    m2 = night(world, tmp_path, bad, "bad")
+    m2 = night(tmp_path, bad, "bad")
     with pytest.raises(SystemExit) as e:
         run_main(main, argv(world, m2, tmp_path))
     assert e.value.code == 2
@@ -228,7 +223,7 @@ def test_gate_refuses_a_worse_model_and_checks_validation_model(world, tmp_path,
     from pipelines._cli import run_main
     from pipelines.reindex import embed_local, main
 
-    m1 = night(world, tmp_path, world["gallery"], "g")
+    m1 = night(tmp_path, world["gallery"], "g")
     assert main(argv(world, m1, tmp_path)) == 0
     home = IndexHome.of(str(tmp_path / "indexes"), "gallery")
     v1 = home.current()
@@ -328,7 +323,7 @@ def test_lock_stops_a_second_run(world, tmp_path, capsys):
     from pipelines._cli import run_main
     from pipelines.reindex import main
 
-    m = night(world, tmp_path, world["gallery"], "g")
+    m = night(tmp_path, world["gallery"], "g")
     home = IndexHome.of(str(tmp_path / "indexes"), "gallery")
     os.makedirs(home.path, exist_ok=True)
     # a run holding the index lock (other work dir) and one holding this work dir's lock
@@ -360,11 +355,11 @@ def test_killed_run_then_rerun(world, tmp_path, step):
     opts = ("--index-kind", "embeddings", *GROWTH)
     v1 = None
     if step == "build":
-        m1 = night(world, tmp_path, g.slice(0, g.num_rows - HELD_BACK), "n1")
+        m1 = night(tmp_path, g.slice(0, g.num_rows - HELD_BACK), "n1")
         assert main(argv(world, m1, tmp_path, *opts)) == 0
         v1 = home.current()
     rows = g.slice(REMOVED) if step == "build" else g
-    m2 = night(world, tmp_path, rows, "n2")
+    m2 = night(tmp_path, rows, "n2")
     proc = subprocess.run([sys.executable, "pipelines/reindex.py", *argv(world, m2, tmp_path, *opts)],
                           cwd=REPO, env={**os.environ, KILL_ENV: step}, capture_output=True, text=True,
                           timeout=300, check=False)
@@ -404,7 +399,7 @@ def test_bad_input_is_one_line(world, tmp_path, capsys):
     from pipelines._cli import run_main
     from pipelines.reindex import main
 
-    m = night(world, tmp_path, world["gallery"], "g")
+    m = night(tmp_path, world["gallery"], "g")
     cases = [
         (argv(world, tmp_path / "missing.parquet", tmp_path), "manifest not found"),
         (argv(world, m, tmp_path, "--keep", "0"), "--keep"),
@@ -422,7 +417,7 @@ def test_bad_input_is_one_line(world, tmp_path, capsys):
     g = world["gallery"]
     paths = g.column("path").to_pylist()
     paths[3] = "bounding_box_test/missing.jpg"
-    broken = night(world, tmp_path, g.set_column(g.schema.get_field_index("path"), "path",
+    broken = night(tmp_path, g.set_column(g.schema.get_field_index("path"), "path",
                                                  pa.array(paths, pa.string())), "broken")
     with pytest.raises(SystemExit) as e:
         run_main(main, argv(world, broken, tmp_path, "--max-error-fraction", "0"))
@@ -448,7 +443,7 @@ def test_three_nights_as_ray_jobs_on_a_local_head(world, tmp_path):
     n = g.num_rows
     first = g.slice(0, n - HELD_BACK)
     third = g.slice(REMOVED)  # the 20 held back come in, the first 5 go
-    m1, m3 = night(world, tmp_path, first, "night1"), night(world, tmp_path, third, "night3")
+    m1, m3 = night(tmp_path, first, "night1"), night(tmp_path, third, "night3")
     work, home = tmp_path / "work", IndexHome.of(str(tmp_path / "indexes"), "gallery")
 
     def job_args(manifest: Path) -> tuple[str, ...]:
