@@ -11,7 +11,7 @@ from model.checkpoint import build_model, load_model, save_model
 from model.config import ModelConfig
 
 
-def _net(num_classes=4, backbone="resnet18"):
+def _net(num_classes=4, backbone="efficientnet_lite0"):
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, num_classes=num_classes, input_size=(64, 32),
                       pooling="gem")
@@ -66,7 +66,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot read model.pt"):
         load_model(str(out))
     save_model(net, cfg, str(out))
-    other = ModelConfig(backbone="resnet18", num_classes=9, input_size=(64, 32), pooling="gem")
+    other = ModelConfig(backbone="efficientnet_lite0", num_classes=9, input_size=(64, 32), pooling="gem")
     (out / "config.json").write_text(other.to_json())
     with pytest.raises(ValueError, match="does not fit"):
         load_model(str(out))

@@ -7,7 +7,7 @@ from model.checkpoint import build_model, load_pretrained
 from model.config import BACKBONE_DIMS, ModelConfig
 from model.net import GeM
 
-SIZE = (64, 32)
+SIZE = (64, 32)  # /32 = (2, 1): the smallest size where last stride shows
 
 
 def _cfg(backbone, **kw):
@@ -70,7 +70,7 @@ def test_ibn_normalises_halves_separately():
 
 
 def test_bn_neck_bias_frozen_and_classifier_bias_free():
-    net = build_model(_cfg("resnet18"))
+    net = build_model(_cfg("efficientnet_lite0"))
     assert not net.bottleneck.bias.requires_grad
     assert net.classifier.bias is None
     feat, _, logits = net.train()(torch.randn(4, 3, *SIZE))
@@ -81,7 +81,7 @@ def test_bn_neck_bias_frozen_and_classifier_bias_free():
 
 
 def test_no_classifier_when_num_classes_zero():
-    net = build_model(_cfg("resnet18", num_classes=0)).train()
+    net = build_model(_cfg("efficientnet_lite0", num_classes=0)).train()
     _, _, logits = net(torch.randn(2, 3, *SIZE))
     assert logits is None and net.classifier is None
 
@@ -97,7 +97,7 @@ def test_gem_pooling():
     pool = GeM(3.0)
     pool(x).sum().backward()
     assert pool.p.grad is not None and torch.isfinite(pool.p.grad)
-    net = build_model(_cfg("resnet18", pooling="gem"))
+    net = build_model(_cfg("efficientnet_lite0", pooling="gem"))
     assert "pool.p" in dict(net.named_parameters())
 
 
@@ -144,13 +144,13 @@ def test_torchvision_resnet_state_dict_loads(tmp_path):
 def test_pretrained_from_model_dir_skips_other_classifier(tmp_path):
     from model.checkpoint import save_model
 
-    src = build_model(_cfg("resnet18", num_classes=5))
+    src = build_model(_cfg("efficientnet_lite0", num_classes=5))
     save_model(src, src.cfg, str(tmp_path / "m"))
-    dst = build_model(_cfg("resnet18", num_classes=9))
+    dst = build_model(_cfg("efficientnet_lite0", num_classes=9))
     report = load_pretrained(dst, str(tmp_path / "m"))
     assert report.mismatched == ["classifier.weight"]
     assert report.missing == ["classifier.weight"]
-    torch.testing.assert_close(dst.backbone.conv1.weight, src.backbone.conv1.weight)
+    torch.testing.assert_close(dst.backbone.conv_stem.weight, src.backbone.conv_stem.weight)
 
 
 def test_lite0_imagenet_weights_recognise_a_photo():

@@ -36,7 +36,7 @@ def test_lr_schedule():
 
 def _setup(accum=1, **kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="resnet18", num_classes=4, input_size=SIZE)
+    cfg = ModelConfig(backbone="efficientnet_lite0", num_classes=4, input_size=SIZE)
     tcfg = TrainConfig(accum_steps=accum, warmup_epochs=0, **kw)
     net = build_model(cfg)
     center = CenterLoss(4, cfg.embedding_dim)
@@ -114,7 +114,7 @@ def _shards(tmp_path, corrupt=None):
 
 def test_loader_batches_and_corrupt_image_skipped(tmp_path):
     idx = _shards(tmp_path, corrupt=(1, 2))
-    cfg = ModelConfig(backbone="resnet18", input_size=SIZE)
+    cfg = ModelConfig(backbone="efficientnet_lite0", input_size=SIZE)
     items = eligible_items(idx.item_id)
     plan = plan_epoch(items, 2, 3, 1, 0, seed=0, epoch=0)
     with pytest.warns(UserWarning, match="skipping image"):
@@ -128,6 +128,6 @@ def test_loader_batches_and_corrupt_image_skipped(tmp_path):
     net = build_model(cfg)
     with pytest.warns(UserWarning):
         rows, emb = embed_rows(net, idx, np.arange(len(idx)), eval_transform(cfg), batch_size=5)
-    assert len(rows) == 11 and emb.shape == (11, 512)
+    assert len(rows) == 11 and emb.shape == (11, 1280)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     ShardReader(idx).close()
