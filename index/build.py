@@ -249,16 +249,26 @@ def tune_search_params(indexes, factory: str, queries: np.ndarray, self_ids: np.
     else:
         ids = _search_all(indexes, queries, k + 1)
         return {}, recall_at(ids, exact_ids, self_ids, k)
-    best = None
+    tried: list[tuple[int, float]] = []
     for value in grid:
         for idx in indexes:
             apply_search_params(idx, {name: value})
         r = recall_at(_search_all(indexes, queries, k + 1), exact_ids, self_ids, k)
         log.info("tune %s=%s recall@%d=%.4f", name, value, k, r)
-        best = ({name: value}, r)
+        tried.append((value, r))
         if r >= target:
             break
-    return best
+        # quantised codes (PQ) cap the recall: stop once two more steps gain < 0.002
+        if len(tried) >= 3 and r - tried[-3][1] < 0.002:
+            break
+    if tried[-1][1] < target:  # target not reached: the smallest value within 0.002 of the best
+        top = max(r for _, r in tried)
+        value, r = next((v, r) for v, r in tried if r >= top - 0.002)
+        tried.append((value, r))
+    value, r = tried[-1]
+    for idx in indexes:
+        apply_search_params(idx, {name: value})
+    return {name: value}, r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +306,9 @@ def train_template(factory: str, dim: int, sample: np.ndarray, cfg: BuildConfig,
     if factory.startswith("OPQ"):  # fewer OPQ iterations: most of the gain comes early
         pre = faiss.downcast_index(index)
         opq = faiss.downcast_VectorTransform(pre.chain.at(0))
-        opq.niter = min(opq.niter, cfg.kmeans_iters * 2)
+        opq.niter = min(opq.niter, 8)
+        opq.niter_pq_0 = min(opq.niter_pq_0, cfg.kmeans_iters)
+        opq.max_train_points = min(opq.max_train_points, 32768)
     if "HNSW" in factory:
         hnsw = faiss.downcast_index(index.index if hasattr(index, "id_map") else index)
         if hasattr(hnsw, "hnsw"):

@@ -82,18 +82,23 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.n
 
 
 def exact_search(queries: np.ndarray, vectors: np.ndarray, k: int, ids: np.ndarray | None = None,
-                 block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+                 block: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Brute force inner-product top-k: numpy matmul + argpartition, in query blocks so no
-    (Q, N) matrix is held whole. queries: (Q, D) float32; vectors: (N, D) float32;
-    ids: (N,) int64 (default 0..N-1). Returns (Q, k) float32 scores, (Q, k) int64 ids."""
+    (Q, N) matrix is held whole (a block costs block * N * 12 bytes). queries: (Q, D) float32;
+    vectors: (N, D) float32; ids: (N,) int64 (default 0..N-1). Returns (Q, k) float32 scores
+    (descending, ties by id) and (Q, k) int64 ids, padded with -inf / -1 when N < k."""
     queries = np.asarray(queries, dtype=np.float32)
     vectors = np.asarray(vectors, dtype=np.float32)
     ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    n = len(vectors)
     out_s, out_i = [], []
     for start in range(0, len(queries), block):
         sims = queries[start:start + block] @ vectors.T
-        cand = np.broadcast_to(ids, sims.shape)
-        s, i = topk_rows(sims, cand, k)
+        if n > k:
+            part = np.argpartition(sims, n - k, axis=1)[:, n - k:]  # the k largest, unordered
+            s, i = topk_rows(np.take_along_axis(sims, part, 1), ids[part], k)
+        else:
+            s, i = topk_rows(sims, np.broadcast_to(ids, sims.shape), k)
         out_s.append(s)
         out_i.append(i)
     if not out_s:

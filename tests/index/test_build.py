@@ -163,3 +163,19 @@ def test_gpu_build_matches_cpu_for_flat(tmp_path):
     with open_index(str(tmp_path / "g"), use_gpu=True) as gi, open_index(str(tmp_path / "g"), use_gpu=False) as ci:
         a, b = gi.search(x[:20], 5), ci.search(x[:20], 5)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_pq_recall_plateau_is_recorded_honestly(tmp_path):
+    # 4 x 4-bit codes cannot reach 0.99: tuning stops on the plateau and says the target is missed
+    x = clustered(3000, 16, seed=4)
+    write_vectors(tmp_path / "v.parquet", x)
+    res = build_index(str(tmp_path / "v.parquet"), str(tmp_path), "pq",
+                      BuildConfig(index_type="IVF16,PQ4x4np", target_recall=0.99, eval_queries=200))
+    rec = res.manifest["recall"]
+    assert not rec["target_met"] and rec["recall@10"] < 0.99
+    nprobe = res.manifest["search_params"]["nprobe"]
+    with open_index(str(tmp_path / "pq")) as idx:
+        assert faiss_ivf(idx._backend.indexes[0]).nprobe == nprobe
+        got = idx.search(x[:200], 11, labels=False).ids
+    _, exact = exact_search(x[:200], x, 11)
+    assert abs(recall_at(got, exact, np.arange(200), 10) - rec["recall@10"]) < 0.1
