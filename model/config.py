@@ -120,7 +120,7 @@ class TrainConfig:
     center_lr: float = 0.5
     accum_steps: int = 1
     amp: bool = True              # used on GPU only
-    channels_last: bool = True    # used on GPU only
+    channels_last: bool = True    # NHWC memory layout (GPU and CPU: faster convs on both)
     seed: int = 0
     pretrained: str = ""          # "", "lite0-imagenet", a state-dict file or a model directory
     eval_every: int = 0           # validate every N epochs (0 = only after the last epoch)

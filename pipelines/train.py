@@ -61,6 +61,11 @@ SHORTCUTS = [
     ("--triplet-weight", "train.triplet_weight", float, "batch-hard triplet weight (1.0)"),
     ("--center-weight", "train.center_weight", float, "center loss weight; 0 = off (5e-4)"),
     ("--accum-steps", "train.accum_steps", int, "batches per optimiser step (1)"),
+    ("--margin", "train.margin", float, "triplet and CTL margin (0.5)"),
+    ("--amp", "train.amp", str, "mixed precision (fp16 autocast) on GPU: true | false (true)"),
+    ("--channels-last", "train.channels_last", str,
+     "NHWC memory layout, GPU and CPU: true | false (true)"),
+    ("--eval-batch-size", "train.eval_batch_size", int, "validation embedding batch (128)"),
     ("--seed", "train.seed", int, "random seed (0)"),
     ("--eval-every", "train.eval_every", int,
      "validate every N epochs; 0 = after the last epoch only; -1 = never (0)"),
@@ -82,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config value, e.g. --set train.margin=0.3 (repeatable)")
     p.add_argument("--input-size", nargs=2, type=int, default=None, metavar=("H", "W"),
                    help="network input height and width (256 128)")
+    p.add_argument("--milestones", nargs="+", type=int, default=None, metavar="EPOCH",
+                   help="epochs where the learning rate is multiplied by 0.1 (40 70)")
     p.add_argument("--no-ctl", action="store_true", help="switch CTL off (same as --ctl-weight 0)")
     for opt, key, tp, help_text in SHORTCUTS:
         p.add_argument(opt, dest=key.replace(".", "__"), type=tp, default=None,
@@ -104,6 +111,8 @@ def resolve_config(args):
                              else f"{key}={value}")
     if args.input_size:
         overrides.append(f"model.input_size=[{args.input_size[0]}, {args.input_size[1]}]")
+    if args.milestones:
+        overrides.append(f"train.milestones={list(args.milestones)}")
     if args.no_ctl:
         overrides.append("train.ctl_weight=0")
     return load_config(args.config, overrides)
@@ -150,7 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
     net.to(device)
     if center is not None:
         center.to(device)
-    if on_gpu and tcfg.channels_last:
+    if tcfg.channels_last:  # GPU, and CPU too: oneDNN depthwise convs run ~1.5x faster in NHWC
         net.to(memory_format=torch.channels_last)
     opt, copt = build_optimizers(net, center, tcfg)
     scaler = torch.amp.GradScaler("cuda") if on_gpu and tcfg.amp else None
@@ -174,7 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
         loader = BatchLoader(train_index, iter_plan_rows(plan), tf, threads=dcfg.loader_threads,
                              max_pixels=dcfg.max_pixels, reader=reader)
         stats = train_epoch(net, center, opt, copt, loader, tcfg, epoch, device=str(device),
-                            scaler=scaler, channels_last=on_gpu and tcfg.channels_last)
+                            scaler=scaler, channels_last=tcfg.channels_last)
         if stats.images == 0:
             reason = loader.skipped[0] if loader.skipped else "no batches"
             raise RuntimeError(f"epoch {epoch}: no training image could be read ({reason})")
@@ -259,7 +268,8 @@ def _validate(net, config, cfg, rank, world, device, on_gpu) -> dict:
         rows = np.arange(rank, len(idx), world)
         parts[side] = embed_rows(net, idx, rows, tf, batch_size=cfg.train.eval_batch_size,
                                  device=str(device), threads=cfg.data.loader_threads,
-                                 max_pixels=cfg.data.max_pixels, channels_last=on_gpu,
+                                 max_pixels=cfg.data.max_pixels,
+                                 channels_last=cfg.train.channels_last,
                                  amp=on_gpu and cfg.train.amp)
     if dist.is_initialized() and world > 1:
         gathered = [None] * world
