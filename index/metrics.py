@@ -103,11 +103,15 @@ def rank_positions(scores: np.ndarray, positives: np.ndarray, excluded: np.ndarr
         above_asc = np.cumsum(hist[::-1])[::-1][1:]  # above_asc[j] = #values with below > j
         return above_asc[::-1]
 
-    above = negatives_above(scores) - negatives_above(scores[excluded])
+    # only entries scoring at least the lowest positive can rank above a positive: one cheap
+    # compare over the gallery, then the counting works on those candidates only
+    candidates = np.flatnonzero(scores >= asc[0])
+    cand_scores = scores[candidates]
+    above = negatives_above(cand_scores) - negatives_above(scores[excluded])
     # stable tie-break: a negative with an equal score ranks above a positive if its index is lower
-    ties = np.isin(scores, pos_scores)
+    ties = np.isin(cand_scores, pos_scores)
     if ties.any():
-        tied = np.flatnonzero(ties)
+        tied = candidates[ties]
         tied = tied[~np.isin(tied, excluded)]
         for t in tied:
             hit = (pos_scores == scores[t]) & (positives > t)
