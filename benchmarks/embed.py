@@ -90,12 +90,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, raw and per actor")
     p.add_argument("--num-cpus", type=int, default=max(2, os.cpu_count() or 2), help="CPUs of the local Ray")
-    p.add_argument("--shard-size", type=int, default=128)
+    p.add_argument("--shard-size", type=int, default=0,
+                   help="images per shard (default: the batch size, so results stream back per batch)")
     p.add_argument("--workdir", default=None)
     args = p.parse_args()
     work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="bench-embed-"))
     try:
-        images = make_data(work, args.images, args.backbone, args.shard_size)
+        images = make_data(work, args.images, args.backbone, args.shard_size or args.batch_size)
         print(f"{args.images} JPEGs 64x128 -> {args.backbone} at 256x128, batch {args.batch_size}, "
               f"{args.threads} torch thread(s), machine CPUs {os.cpu_count()}", flush=True)
         raw = raw_forward(str(work / "model"), images, args.batch_size, args.threads)
@@ -111,6 +112,8 @@ def main() -> None:
         with open(work / "emb" / "_embed.json") as f:
             s = json.load(f)
         steady = s["steady_images_per_second"]
+        if steady is None:
+            raise SystemExit("the pipeline returned everything in one block: use more images or smaller shards")
         print(f"pipeline: {s['embedded']} embedded; steady {steady:.2f} img/s; streaming phase "
               f"{s['seconds']:.1f}s of which {s['first_batch_seconds']:.1f}s until the first batch "
               f"(actor start + model load); wall incl. Ray start {wall:.1f}s "

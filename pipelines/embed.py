@@ -186,22 +186,26 @@ def main(argv=None) -> int:
     threads = args.threads or max(1, cpus // actors)
     if use_gpu:
         actor_res = {"num_gpus": 1, "num_cpus": 1}
-    else:  # leave a CPU to the reading tasks so a small cluster never deadlocks
-        actor_res = {"num_cpus": max(1, min(threads, cpus - 1))}
+    else:  # leave a CPU to the reading tasks so a small cluster never deadlocks (fractions are fine)
+        actor_res = {"num_cpus": max(0.25, min(threads, (cpus - 1) / actors))}
     print(f"embed: model {model_id} (dim {dim}), {what}, {actors} {'GPU' if use_gpu else 'CPU'} actor(s), "
           f"{threads} thread(s), batch {args.batch_size}"
           + (f", {len(prev_keys)} previous rows to compare" if prev_keys is not None else ""), flush=True)
 
+    # Reading runs in its own tasks, overlapped with the model: remote args that differ from the
+    # actors' (a retry count for flaky storage) keep Ray from fusing this stage into the model
+    # actors, where it would run in series with the forward pass.
+    read_args = {"num_cpus": 1, "max_retries": 3}
     if args.shards:
         ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
         ds = ds.map_batches(E.shard_batch_to_samples, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"split": args.split, "previous_keys": prev_keys,
-                                       "chunk": max(args.batch_size, 64)})
+                                       "chunk": max(args.batch_size, 64)}, **read_args)
     else:
         blocks = max(1, min(manifest.num_rows // 256, 10_000))
         ds = ray.data.from_arrow(manifest).repartition(blocks)
         ds = ds.map_batches(E.manifest_batch_to_samples, batch_size=256, batch_format="pyarrow",
-                            fn_kwargs={"root": args.root, "previous_keys": prev_keys})
+                            fn_kwargs={"root": args.root, "previous_keys": prev_keys}, **read_args)
     ds = ds.map_batches(
         E.EmbedBatch, batch_size=args.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
