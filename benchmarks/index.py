@@ -88,6 +88,14 @@ def recall10(ids: np.ndarray, gt: np.ndarray) -> float:
     return float(np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(ids, gt)]))
 
 
+def save(path: str, env: dict, args, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"env": env, "args": vars(args), "rows": rows}, f, indent=2)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import faiss
@@ -148,6 +156,7 @@ def main(argv=None) -> int:
                    "speedup": (args.queries / search_s) / rows[0]["qps"], "timings": m["build"]["timings"]}
             rows.append(row)
             print(f"  {kind}: {json.dumps(row)}", flush=True)
+            save(args.out, env, args, rows)  # partial results survive an interrupted run
             shutil.rmtree(res.path, ignore_errors=True)
     finally:
         if args.workdir is None:
@@ -167,9 +176,7 @@ def main(argv=None) -> int:
     if auto:
         ok = auto["recall@10"] >= 0.95 and auto["speedup"] >= 20
         print(f"goal (auto recall@10 >= 0.95 at >= 20x brute force): {'MET' if ok else 'NOT MET'}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"env": env, "args": vars(args), "rows": rows}, f, indent=2)
+    save(args.out, env, args, rows)
     print(f"wrote {args.out}")
     return 0
 

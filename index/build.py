@@ -5,7 +5,7 @@ Steps (`build_index`):
    rules: Flat when small, HNSW or IVF-Flat (4*sqrt(n)..16*sqrt(n) lists) for medium sizes,
    OPQ+IVF+PQ when IVF-Flat would not fit ``max_memory_gb``);
 2. pass 1 (approximate types only): a uniform random sample of vectors for training and a
-   held-out sample of evaluation queries (bottom-k sampling on random keys, O(sample) memory);
+   held-back sample of evaluation queries (bottom-k sampling on random keys, O(sample) memory);
 3. train one template index on the sample (GPU k-means when faiss sees GPUs) and clone it per
    shard, so all shards share one coarse quantizer;
 4. pass 2: stream batches, assign each vector to shard ``blake2b(item_id) % S`` (stable across
@@ -13,8 +13,8 @@ Steps (`build_index`):
    global row number) and write the id -> item_id/image_id tables as they come; the exact top-k
    of the evaluation queries is accumulated on the way (ground truth without a second read);
 5. tune nprobe / efSearch to the smallest value reaching ``target_recall`` recall@10 against
-   exact search (each evaluation query's own id excluded on both sides, so the sampled vectors
-   behave as held-back queries), and record the achieved recall;
+   exact search, with the evaluation sample held back (not in the index while tuning, added
+   right after), and record the achieved recall;
 6. write ``shard-NNN.faiss`` + ``shard-NNN.ids.parquet`` + manifest (sha256 of every file) into a
    temporary directory, rename it to the version name, then (optionally) publish CURRENT.
 """
@@ -395,6 +395,7 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
         gt = (np.full((n_eval, kk), -np.inf, np.float32), np.full((n_eval, kk), -1, np.int64))
         offset = 0
         sizes = np.zeros(cfg.shards, dtype=np.int64)
+        eval_shard = np.full(n_eval, -1, dtype=np.int64)
         try:
             for labels, vecs in iter_vector_batches(vectors, cfg.batch_size, columns=label_cols):
                 n = len(vecs)
@@ -405,16 +406,22 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
                     raise VectorFileError(f"{vectors}: item_id has null values")
                 shard = shard_of(items.to_pylist(), cfg.shards)
                 images = labels.column("image_id") if has_image else pa.nulls(n, pa.string())
+                # evaluation queries are held back: added to the index only after tuning, so
+                # they are unseen queries (a vector already in an HNSW graph is found too easily)
+                held = np.isin(ids, eval_ids) if n_eval else np.zeros(n, dtype=bool)
+                eval_shard[np.searchsorted(eval_ids, ids[held])] = shard[held]
                 for s in np.unique(shard):
                     sel = np.nonzero(shard == s)[0]
-                    indexes[s].add_with_ids(np.ascontiguousarray(vecs[sel]), ids[sel])
+                    add = sel[~held[sel]]
+                    indexes[s].add_with_ids(np.ascontiguousarray(vecs[add]), ids[add])
                     take = pa.array(sel)
                     writers[s].write_table(pa.table(
                         [pa.array(ids[sel]), items.take(take).cast(pa.string()),
                          images.take(take).cast(pa.string())], schema=IDS_SCHEMA))
                     sizes[s] += len(sel)
                 if n_eval:
-                    cand_s, cand_i = topk_rows(eval_vecs @ vecs.T, np.broadcast_to(ids, (n_eval, n)), kk)
+                    cand = np.broadcast_to(np.where(held, -1, ids), (n_eval, n))  # -1: not a candidate
+                    cand_s, cand_i = topk_rows(eval_vecs @ vecs.T, cand, kk)
                     gt = merge_topk([gt, (cand_s, cand_i)], kk)
                 if progress and offset % (cfg.batch_size * 16) < n:
                     say(f"added {offset}/{n_total}")
@@ -435,6 +442,10 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
             if recall < cfg.target_recall:
                 say(f"warning: {factory} reaches recall@{cfg.recall_k}={recall:.4f} < target "
                     f"{cfg.target_recall} at {params}")
+        for s in range(cfg.shards):  # now the held-back vectors join their shards
+            sel = np.nonzero(eval_shard == s)[0]
+            if len(sel):
+                indexes[s].add_with_ids(np.ascontiguousarray(eval_vecs[sel]), eval_ids[sel])
         timings["tune_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -460,7 +471,8 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
             "search_params": params,
             "recall": {f"recall@{cfg.recall_k}": float(recall), "target": cfg.target_recall,
                        "target_met": bool(recall >= cfg.target_recall), "eval_queries": int(n_eval),
-                       "method": "sampled vectors as queries, own id excluded, vs exact search"},
+                       "method": "held-back sample of the vectors as queries (added after tuning) "
+                                 "vs exact search"},
             "build": {"seconds": round(time.perf_counter() - t0, 3), "gpu": gpu,
                       "faiss_version": faiss.__version__,
                       "config": asdict(cfg), "timings": {k: round(v, 3) for k, v in timings.items()}},
