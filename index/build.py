@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from index.search import apply_search_params, merge_topk, topk_rows
+from index.search import apply_search_params, exact_search, merge_topk
 from index.vectors import (
     VectorFileError,
     check_schema,
@@ -419,10 +419,9 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
                         [pa.array(ids[sel]), items.take(take).cast(pa.string()),
                          images.take(take).cast(pa.string())], schema=IDS_SCHEMA))
                     sizes[s] += len(sel)
-                if n_eval:
-                    cand = np.broadcast_to(np.where(held, -1, ids), (n_eval, n))  # -1: not a candidate
-                    cand_s, cand_i = topk_rows(eval_vecs @ vecs.T, cand, kk)
-                    gt = merge_topk([gt, (cand_s, cand_i)], kk)
+                if n_eval and not held.all():
+                    # exact top-k among this batch's indexed (not held-back) vectors, merged in
+                    gt = merge_topk([gt, exact_search(eval_vecs, vecs[~held], kk, ids[~held])], kk)
                 if progress and offset % (cfg.batch_size * 16) < n:
                     say(f"added {offset}/{n_total}")
         finally:
