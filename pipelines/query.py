@@ -5,12 +5,24 @@
 Reads the queries in batches (embeddings Parquet: query_id = image_id), searches every shard
 (threads in this process, or one Ray actor per shard with --ray), merges the per-shard top-k and
 writes OUT/part-NNNNN.parquet (query_id, rank, item_id, image_id, score) atomically.
+
+Re-ranking (--rerank kreciprocal|aqe|alpha-qe|dba, comma-combinable) works from the index's own
+neighbour lists (index.rerank_search): the sharded index is the search function for the queries'
+and the gallery's neighbours, and the gallery vectors needed for distances and means are the
+index version's source vectors (manifest "source", or --gallery-vectors), checked id by id
+against the index. All queries are re-ranked together (k-reciprocal compares queries with each
+other); scores are then the negated k-reciprocal distance, or the cosine of the expanded vectors.
+Junk gallery items ("-1") take no part in re-ranking.
+
+    python pipelines/query.py --index indexes/market --queries emb/ --split query \\
+        --rerank dba,alpha-qe,kreciprocal --k 100 --out results/
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 
 from pipelines._cli import add_ray_arguments, init_ray, run_main
+from pipelines._rerank import add_rerank_arguments, method_name, rerank_config, rerank_params
 
 
 def parse_args(argv=None):
@@ -22,13 +34,21 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4096, help="queries per search batch (default 4096)")
     p.add_argument("--verify", action="store_true", help="check every index file's sha256 before loading")
     p.add_argument("--ray", action="store_true", help="search with one Ray actor per shard")
+    p.add_argument("--split", default=None, help="keep only query rows of this split (e.g. query)")
+    add_rerank_arguments(p)
+    p.add_argument("--gallery-vectors", default=None,
+                   help="with --rerank: the vectors the index was built from (default: the source "
+                        "recorded in the index manifest)")
     add_ray_arguments(p)
     return p.parse_args(argv)
 
 
-def search_batches(index, queries_path: str, k: int, batch_size: int):
+def search_batches(index, queries_path: str, k: int, batch_size: int, split: str | None = None):
     """Yield (query_ids, query vectors (n, D) float32, SearchHits) per batch of queries. The one place where a re-ranking step
     (--rerank) plugs in: it takes these hits (plus the query vectors) and returns new hits."""
+    import numpy as np
+    import pyarrow as pa
+
     from index.vectors import VectorFileError, iter_vector_batches, open_dataset, read_metadata
 
     ds = open_dataset(queries_path)
@@ -39,7 +59,15 @@ def search_batches(index, queries_path: str, k: int, batch_size: int):
         raise VectorFileError(f"{queries_path}: query dimension {meta.dim} does not match index "
                               f"dimension {index.dim}")
     index.check_model(meta.model)
-    for labels, vecs in iter_vector_batches(queries_path, batch_size, columns=["image_id"]):
+    if split is not None and "split" not in ds.schema.names:
+        raise VectorFileError(f"{queries_path}: --split given but the queries have no split column")
+    cols = ["image_id"] + (["split"] if split is not None else [])
+    for labels, vecs in iter_vector_batches(queries_path, batch_size, columns=cols):
+        if split is not None:
+            keep = np.asarray(labels.column("split").to_pylist(), dtype=object) == split
+            if not keep.any():
+                continue
+            labels, vecs = labels.filter(pa.array(keep)), vecs[keep]
         qids = labels.column("image_id")
         if qids.null_count:
             raise VectorFileError(f"{queries_path}: image_id has null values")
@@ -50,6 +78,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
+    config = rerank_config(args.rerank, args, topk=args.k)
     from index.results import ResultsWriter, make_results_table
     from index.search import open_index
 
@@ -57,20 +86,71 @@ def main(argv=None) -> int:
         init_ray(args.address, args.num_cpus)
     index = open_index(args.index, verify=args.verify, executor="ray" if args.ray else "local")
     meta = {"index": str(args.index), "version": index.version, "k": args.k,
-            "mode": "instance" if index.has_images else "centroid", "rerank": None,
+            "mode": "instance" if index.has_images else "centroid", "rerank": method_name(config),
             "search_params": index.manifest.get("search_params", {})}
+    if args.split is not None:
+        meta["split"] = args.split
+    if config.methods != ("none",):
+        meta["rerank_params"] = rerank_params(config)
     print(f"index {args.index} version {index.version}: {len(index)} vectors in "
           f"{index.num_shards} shard(s), {index.manifest['index_type']}", flush=True)
     n = 0
     try:
+        if config.methods != ("none",):
+            return answer_reranked(index, args, config, meta)
         with ResultsWriter(args.out, meta) as w:
-            for qids, _vecs, hits in search_batches(index, args.queries, args.k, args.batch_size):
+            for qids, _vecs, hits in search_batches(index, args.queries, args.k, args.batch_size, args.split):
                 w.write(make_results_table(qids, hits.item_ids, hits.image_ids, hits.scores, hits.valid))
                 n += len(qids)
                 print(f"{n} queries", flush=True)
     finally:
         index.close()
     print(f"wrote {w.rows} rows for {n} queries to {args.out}")
+    return 0
+
+
+def answer_reranked(index, args, config, meta) -> int:
+    """Search + re-rank all queries at once (k-reciprocal compares queries with each other)."""
+    import time
+
+    import numpy as np
+
+    from index.rerank_search import load_index_vectors, rerank_with_search, result_scores
+    from index.results import ResultsWriter, make_results_table
+    from index.vectors import VectorFileError, read_vectors
+
+    t0 = time.perf_counter()
+    queries = read_vectors(args.queries, kind="embeddings", split=args.split, expect_dim=None)
+    if queries.meta.dim != index.dim:
+        raise VectorFileError(f"{args.queries}: query dimension {queries.meta.dim} does not match index "
+                              f"dimension {index.dim}")
+    index.check_model(queries.meta.model)
+    if len(queries) == 0:
+        raise VectorFileError(f"{args.queries}: no queries" + (f" of split {args.split!r}" if args.split else ""))
+    gallery = load_index_vectors(index, args.gallery_vectors)
+    items, _ = index.lookup(np.arange(len(index)))
+    keep = items != "-1"
+    print(f"re-ranking {len(queries)} queries against {int(keep.sum())} gallery vectors "
+          f"({len(index) - int(keep.sum())} junk left out) with {meta['rerank']}", flush=True)
+
+    def search(x, k):
+        hits = index.search(x, k, labels=False)
+        return hits.scores, hits.ids
+
+    result = rerank_with_search(queries.vectors, gallery, config, search, keep)
+    scores = result_scores(result, config)
+    r_items, r_images = index.lookup(result.ids)
+    meta["rerank_seconds"] = round(time.perf_counter() - t0, 3)
+    meta["score"] = "negated k-reciprocal distance" if "kreciprocal" in config.methods else \
+        "cosine of the expanded vectors"
+    qids = list(queries.image_ids)
+    with ResultsWriter(args.out, meta) as w:
+        for s in range(0, len(qids), args.batch_size):
+            e = min(s + args.batch_size, len(qids))
+            w.write(make_results_table(qids[s:e], r_items[s:e], None if r_images is None else r_images[s:e],
+                                       scores[s:e], result.ids[s:e] >= 0))
+    print(f"wrote {w.rows} rows for {len(qids)} queries to {args.out} "
+          f"(re-ranked in {meta['rerank_seconds']:.1f}s)")
     return 0
 
 
