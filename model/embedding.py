@@ -211,11 +211,17 @@ def embedded_schema(dim: int) -> pa.Schema:
         pa.field("content_hash", pa.string()),
         pa.field("embedding", pa.list_(pa.float32(), dim)),
         pa.field("error", pa.string()), pa.field("carry", pa.bool_()),
+        # wall-clock span (epoch seconds) of the model call that handled the row: lets the job
+        # tell model time from the time the actors waited for input
+        pa.field("started", pa.float64()), pa.field("finished", pa.float64()),
     ])
 
 
 def embed_sample_table(runner: ModelRunner, table: pa.Table) -> pa.Table:
     """Sample table -> embedded table. Carried rows pass through without a forward pass."""
+    import time
+
+    started = time.time()
     carry = table.column("carry").to_numpy(zero_copy_only=False).astype(bool)
     read_errors = table.column("read_error").to_pylist()
     failed = np.array([e is not None for e in read_errors], dtype=bool)
@@ -233,8 +239,10 @@ def embed_sample_table(runner: ModelRunner, table: pa.Table) -> pa.Table:
             errors[i] = r
     flat = pa.array(emb.reshape(-1))
     embedding = pa.FixedSizeListArray.from_arrays(flat, runner.dim, mask=pa.array(~valid))
+    finished = time.time()
     cols = [table.column(c) for c in LABEL_COLUMNS] + [
-        table.column("content_hash"), embedding, pa.array(errors, pa.string()), pa.array(carry)]
+        table.column("content_hash"), embedding, pa.array(errors, pa.string()), pa.array(carry),
+        pa.array(np.full(n, started)), pa.array(np.full(n, finished))]
     return pa.Table.from_arrays(cols, schema=embedded_schema(runner.dim))
 
 
@@ -328,6 +336,17 @@ def manifest_batch_to_samples(batch: pa.Table, root: str,
     """map_batches over manifest rows -> sample table (images read from root/path)."""
     rows = batch.select(["image_id", "item_id", "camera_id", "split", "path"]).to_pylist()
     return mark_carried(manifest_sample_table(rows, root), previous_keys)
+
+
+def model_time_span(table: pa.Table) -> tuple[float, float, float]:
+    """(first start, last finish, busy seconds) of the model calls in an embedded table
+    (busy = the sum of distinct calls' durations)."""
+    if table.num_rows == 0:
+        return float("inf"), float("-inf"), 0.0
+    s = table.column("started").to_numpy()
+    f = table.column("finished").to_numpy()
+    calls = np.unique(np.stack([s, f], 1), axis=0)
+    return float(s.min()), float(f.max()), float((calls[:, 1] - calls[:, 0]).sum())
 
 
 def split_embedded(table: pa.Table) -> tuple[pa.Table, pa.Table, np.ndarray]:

@@ -220,13 +220,16 @@ def main(argv=None) -> int:
     embedded = 0
     last = t0
     first_out = None  # when the first batch came back: after Ray start-up and model loading
+    span = [float("inf"), float("-inf"), 0.0]  # model calls: first start, last finish, busy seconds
     with atomic_dir(args.out) as tmp:
         writer = _PartWriter(tmp, schema, args.rows_per_file)
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 good, errs, keys = E.split_embedded(batch)
+                s0, s1, busy = E.model_time_span(batch.filter(pc.invert(batch.column("carry"))))
+                span = [min(span[0], s0), max(span[1], s1), span[2] + busy]
                 if first_out is None:
-                    first_out, first_rows = time.perf_counter(), good.num_rows
+                    first_out = time.perf_counter()
                 if good.num_rows:
                     writer.write(good)
                     embedded += good.num_rows
@@ -250,14 +253,15 @@ def main(argv=None) -> int:
             raise ValueError(f"nothing embedded: {error_table.num_rows} error(s), first: {first}")
         pq.write_table(error_table, f"{tmp}/_errors.parquet")
         seconds = time.perf_counter() - t0
-        steady = None
-        if first_out is not None and embedded > first_rows:
-            steady = (embedded - first_rows) / max(time.perf_counter() - first_out, 1e-9)
+        # steady rate: embedded images over the span from the first model call's start to the last
+        # one's end (model loading and Ray start-up excluded, reading stalls included)
+        steady = embedded / (span[1] - span[0]) if embedded and span[1] > span[0] else None
         summary = {"model": model_id, "dim": dim, "embedded": embedded, "carried": n_carried,
                    "errors": error_table.num_rows, "rows": writer.rows, "files": writer.parts,
                    "seconds": round(seconds, 3),
                    "first_batch_seconds": round(first_out - t0, 3) if first_out else None,
-                   "steady_images_per_second": round(steady, 2) if steady else None}
+                   "steady_images_per_second": round(steady, 2) if steady else None,
+                   "model_busy_fraction": round(span[2] / (span[1] - span[0]), 3) if steady else None}
         with open(f"{tmp}/_embed.json", "w") as f:
             json.dump(summary, f, indent=2)
     print(f"embed: {embedded} embedded, {n_carried} carried over unchanged, {error_table.num_rows} error(s) "
