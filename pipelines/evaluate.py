@@ -3,14 +3,26 @@
 Example:
     python pipelines/evaluate.py --query out/emb --query-split query \\
         --gallery out/emb --gallery-split gallery --mode centroid --out out/report.json
+
+Re-ranking: --rerank none|kreciprocal|aqe|alpha-qe|dba (comma-combinable, repeatable: each value
+is evaluated and gets its own report). Junk ("-1") takes no part. k-reciprocal uses the exact
+dense form for galleries up to --dense-max vectors and the scalable sparse form above (the report
+says which in "rerank_form"). In centroid mode each query camera's centroid gallery is re-ranked
+with that camera's queries (index/rerank_eval.py).
+
+Pictures: --report DIR writes DIR/report.json, cmc.png, ranked_<mode>_<rerank>.png for --samples
+queries and index.html; --images (shards dir, manifest Parquet or dataset root) supplies the images:
+    python pipelines/evaluate.py --query emb --query-split query --gallery emb --gallery-split gallery \\
+        --mode both --rerank none --rerank kreciprocal --report out/eval --images out/shards
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import json
 import time
 
 from pipelines._cli import run_main
+from pipelines._rerank import add_rerank_arguments, method_name, rerank_config, rerank_params
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,39 +43,124 @@ def build_parser() -> argparse.ArgumentParser:
                         "(built without the query's camera when cameras are known)")
     p.add_argument("--chunk", type=int, default=None,
                    help="queries scored at a time (default: sized to keep one score block near 256 MB)")
-    p.add_argument("--out", required=True, help="report JSON path (a list of reports with --mode both)")
+    p.add_argument("--out", default=None,
+                   help="report JSON path (a list of reports with --mode both or several --rerank); "
+                        "required unless --report is given")
+    add_rerank_arguments(p, repeatable=True)
+    p.add_argument("--rerank-form", default="auto", choices=["auto", "dense", "sparse"],
+                   help="k-reciprocal form: auto (dense up to --dense-max gallery vectors), dense, sparse")
+    p.add_argument("--dense-max", type=int, default=20000,
+                   help="largest gallery re-ranked with the exact dense k-reciprocal form (default 20000)")
+    p.add_argument("--rerank-topk", type=int, default=100,
+                   help="sparse k-reciprocal: re-ranked list length per query (default 100); "
+                        "the rest of the gallery keeps the original-distance order")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="write DIR/report.json, cmc.png, ranked-list PNGs and index.html")
+    p.add_argument("--samples", type=int, default=8, help="sample queries in the ranked-list pictures (default 8)")
+    p.add_argument("--images", default=None, metavar="SHARDS_DIR_OR_MANIFEST",
+                   help="where report pictures come from: shards dir, manifest Parquet or dataset root "
+                        "(without it the pictures show image ids)")
+    p.add_argument("--image-root", default=None, help="dataset root for a manifest's relative paths")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from index.evaluation import format_report, make_report, per_query_metrics
+    from index import metrics as M
+    from index.evaluation import format_report, label_codes, make_report
+    from index.rerank_eval import choose_sample_rows, evaluate_ranked, is_reranked
     from index.storage import write_text_atomic
     from index.vectors import read_vectors
 
     if args.chunk is not None and args.chunk < 1:
         raise ValueError("--chunk must be >= 1")
+    if not args.out and not args.report:
+        raise ValueError("give --out (report JSON) or --report DIR")
+    if args.samples < 0 or args.dense_max < 1 or args.rerank_topk < 1:
+        raise ValueError("--samples must be >= 0, --dense-max and --rerank-topk >= 1")
+    configs = [rerank_config(m, args, topk=args.rerank_topk) for m in (args.rerank or ["none"])]
     if args.results:
+        if any(is_reranked(c) for c in configs):
+            raise ValueError("--rerank needs embeddings (--query/--gallery), not --results lists")
         return evaluate_results(args)
     if not args.gallery:
         raise ValueError("give --gallery (embeddings), or --results with --gallery-labels")
+    if args.images and not args.report:
+        raise ValueError("--images is for the --report pictures")
     t0 = time.perf_counter()
     query = read_vectors(args.query, kind="embeddings", split=args.query_split)
     gallery = read_vectors(args.gallery, kind="embeddings", split=args.gallery_split)
     print(f"loaded {len(query)} queries, {len(gallery)} gallery images (D={gallery.meta.dim}) "
           f"in {time.perf_counter() - t0:.1f}s", flush=True)
     modes = ["instance", "centroid"] if args.mode == "both" else [args.mode]
-    reports = []
+    sample_rows = []
+    if args.report and len(query) and len(gallery):
+        sample_rows = choose_sample_rows(label_codes(query, gallery), args.samples)
+    reports, curves, ranked = [], {}, {}
     for mode in modes:
-        t1 = time.perf_counter()
-        pq = per_query_metrics(query, gallery, mode, args.chunk)
-        reports.append(make_report(pq, mode))
-        print(f"{mode}: scored in {time.perf_counter() - t1:.1f}s", flush=True)
+        for config in configs:
+            t1 = time.perf_counter()
+            ev = evaluate_ranked(query, gallery, mode, config, args.chunk, sample_rows,
+                                 dense_max=args.dense_max, form=args.rerank_form)
+            extra = {}
+            if is_reranked(config):
+                extra = {"rerank_params": rerank_params(config)}
+                if ev.form:  # k-reciprocal: "dense" (exact) or "sparse" (scalable)
+                    extra["rerank_form"] = ev.form
+            report = make_report(ev.per_query, mode, rerank=method_name(config), **extra)
+            reports.append(report)
+            print(f"{mode} {method_name(config) or 'none'}: scored in {time.perf_counter() - t1:.1f}s", flush=True)
+            if args.report:
+                from index.report import report_label, report_slug
+
+                curves[report_label(report)] = M.cmc_curve(ev.per_query, 50)
+                ranked[report_slug(report)] = ranked_rows(ev.samples, query, gallery)
     print(format_report(reports))
     payload = reports if len(reports) > 1 else reports[0]
-    write_text_atomic(args.out, json.dumps(payload, indent=2) + "\n")
-    print(f"report: {args.out}")
+    if args.out:
+        write_text_atomic(args.out, json.dumps(payload, indent=2) + "\n")
+        print(f"report: {args.out}")
+    if args.report:
+        write_report_dir(args, reports, curves, ranked, query, gallery)
     return 0
+
+
+def ranked_rows(samples, query, gallery):
+    """RankedSample (ids as rows) -> index.report.RankedRow (image ids and captions)."""
+    from index.report import RankedRow, Tile
+
+    def cam(table, row):
+        return "" if table.camera_ids is None else f" c{table.camera_ids[row]}"
+
+    rows = []
+    for s in samples:
+        q = Tile(query.image_ids[s.query_row], f"{query.item_ids[s.query_row]}{cam(query, s.query_row)}", "query")
+        tiles = []
+        for g_row, item, status, score in zip(s.gallery_rows, s.items, s.status, s.scores):
+            image = gallery.image_ids[g_row] if g_row >= 0 else None
+            tiles.append(Tile(image, f"{item}{cam(gallery, g_row) if g_row >= 0 else ''}\n{score:.3f}", status))
+        rows.append(RankedRow(q, tiles))
+    return rows
+
+
+def write_report_dir(args, reports, curves, ranked, query, gallery) -> None:
+    from index.report import write_report
+
+    read_image = None
+    notes = [f"query: {args.query}" + (f" (split {args.query_split})" if args.query_split else "")
+             + f"; gallery: {args.gallery}" + (f" (split {args.gallery_split})" if args.gallery_split else ""),
+             ("Centroid-mode pictures show, for each retrieved item, its first gallery image not taken by "
+             "the query's camera.")]
+    if args.images:
+        from pipelines._images import image_reader
+
+        wanted = {t.image_id for rows in ranked.values() for r in rows for t in [r.query, *r.results]
+                  if t.image_id is not None}
+        read_image = image_reader(args.images, args.image_root, wanted)
+    else:
+        notes.append("No --images given: the pictures show image ids.")
+    names = write_report(args.report, reports, curves, ranked, read_image, notes=notes)
+    print(f"report directory: {args.report} ({', '.join(names)})")
 
 
 def evaluate_results(args) -> int:
@@ -100,8 +197,14 @@ def evaluate_results(args) -> int:
                          "min(k, true matches); CMC only up to k")
     report["cmc"] = {r: v for r, v in report["cmc"].items() if int(r) <= k}
     print(format_report(report))
-    write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
-    print(f"report: {args.out}")
+    if args.out:
+        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
+        print(f"report: {args.out}")
+    if args.report:
+        from index.report import write_report
+
+        write_report(args.report, [report], notes=[f"results: {args.results}"])
+        print(f"report directory: {args.report}")
     return 0
 
 
