@@ -125,6 +125,10 @@ def make_centroids_table(item_ids, embeddings: np.ndarray, counts, camera_ids, m
     counts: (I,) images per item; camera_ids: per item a list of int camera ids."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     check_vectors(embeddings, what="centroids")
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if len(counts) and counts.min() < 1:  # a centroid of no images is not a vector of that item
+        bad = list(item_ids)[int(np.argmin(counts))]
+        raise VectorFileError(f"centroids: item {bad!r} has {int(counts.min())} images (every item needs >= 1)")
     schema = centroids_schema(embeddings.shape[1], model)
     return pa.table(
         [
