@@ -67,7 +67,12 @@ def replace_dir(src: str, target: str) -> None:
     if os.path.lexists(target):
         old = _tmp_name(target) + ".old"
         os.rename(target, old)
-    os.rename(src, target)
+    try:
+        os.rename(src, target)
+    except BaseException:
+        if old:  # put the previous output back: `target` never goes missing
+            os.rename(old, target)
+        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
