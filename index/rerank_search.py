@@ -75,10 +75,16 @@ def rescored_search_fn(search: SearchFn, vectors: np.ndarray, factor: int = 4) -
 
     def search_new(x: np.ndarray, k: int):
         k = max(1, min(k, n))
+        x = np.asarray(x, np.float32)
         _, cand = search(x, min(n, factor * k))
         cand = np.asarray(cand, np.int64)
         ok = cand >= 0
-        s = np.einsum("qd,qkd->qk", np.asarray(x, np.float32), vectors[np.maximum(cand, 0)])
+        s = np.empty(cand.shape, np.float32)
+        # gather the candidates' vectors a block of rows at a time (<= ~64 MB of gathered vectors)
+        step = max(1, (64 << 20) // max(1, cand.shape[1] * vectors.shape[1] * 4))
+        for a in range(0, len(x), step):
+            b = min(a + step, len(x))
+            s[a:b] = np.einsum("qd,qkd->qk", x[a:b], vectors[np.maximum(cand[a:b], 0)])
         s = np.where(ok, s, -np.inf).astype(np.float32)
         top = np.argsort(-s, axis=1, kind="stable")[:, :k]
         ids = np.take_along_axis(np.where(ok, cand, -1), top, axis=1)
