@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from index.vectors import META_KEY, VectorFileError
+from index.vectors import META_KEY, VectorFileError, check_vectors
 
 UNKNOWN_CAMERA = -1
 SUMS_KIND = "item_camera_sums"
@@ -342,15 +342,17 @@ def _vectors(col, dtype=np.float32) -> np.ndarray:
     return (values if dtype is None else values.astype(dtype, copy=False)).reshape(-1, col.type.list_size)
 
 
-def partial_table(batch: pa.Table, buckets: int, dtype: str = "float64") -> pa.Table:
+def partial_table(batch: pa.Table, buckets: int, dtype: str = "float64", normalized: bool = True) -> pa.Table:
     """Embeddings batch (item_id, camera_id?, embedding) -> partial pair sums as Arrow:
     bucket int32, item_id, camera_id int32 (null = unknown), sum fixed_size_list<dtype>[D]
     (summed in float64, then stored as `dtype`: float32 halves what the shuffle moves), count
-    int64. Raises VectorFileError on NaN/inf, null or empty item ids."""
+    int64. Raises VectorFileError on NaN/inf, null or empty item ids, and (normalized=True, the
+    embeddings contract) on rows that are not L2-normalised."""
     items = batch.column("item_id")
     if items.null_count or (len(items) and pc.any(pc.equal(items, "")).as_py()):
         raise VectorFileError("embeddings have a row with an empty item_id")
     x = _vectors(batch.column("embedding"))
+    check_vectors(x, normalized=normalized, what="embeddings")
     cams = batch.column("camera_id") if "camera_id" in batch.schema.names else None
     p = partial_sums(np.asarray(items.to_pylist(), dtype=object), camera_codes(cams, batch.num_rows), x)
     return pa.table({

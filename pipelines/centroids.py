@@ -104,7 +104,8 @@ def main(argv=None) -> int:
 
         ds = ds.filter(expr=col("split") == args.split)
     partials = ds.map_batches(C.partial_table, batch_format="pyarrow", batch_size=args.batch_size,
-                              fn_kwargs={"buckets": buckets, "dtype": args.sums_dtype})
+                              fn_kwargs={"buckets": buckets, "dtype": args.sums_dtype,
+                                         "normalized": meta.normalized})
     items = partials.groupby("bucket", num_partitions=buckets).map_groups(C.combine_table, batch_format="pyarrow",
                                                                     fn_kwargs={"dtype": args.sums_dtype})
 

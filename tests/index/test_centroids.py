@@ -147,3 +147,15 @@ def test_to_item_sums_matches_metrics_item_sums():
     assert np.abs(got.sums - expect.sums).max() < 1e-9 and np.abs(got.cam_sums - expect.cam_sums).max() < 1e-9
     with pytest.raises(VectorFileError, match="vocabulary"):
         C.to_item_sums(C.combine([C.partial_sums(it, cam, x)]), np.array(["3"]))
+
+
+def test_partial_table_refuses_unnormalised_rows():
+    from index.vectors import make_embeddings_table
+
+    it, cam, x = data(n=20)
+    t = make_embeddings_table([f"i{k}" for k in range(20)], it, cam, ["gallery"] * 20, x, "m")
+    big = t.set_column(4, t.schema.field("embedding"),
+                       pa.FixedSizeListArray.from_arrays(pa.array((3 * x).reshape(-1)), 16))
+    with pytest.raises(VectorFileError, match="normalised"):
+        C.partial_table(big, 2)
+    assert C.partial_table(big, 2, normalized=False).num_rows > 0
