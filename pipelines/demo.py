@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo", help="work directory (default outputs/demo)")
     p.add_argument("--items", type=int, default=160, help="synthetic identities (half train, half test)")
     p.add_argument("--images-per-item", type=int, default=12)
-    p.add_argument("--epochs", type=int, default=12, help="training epochs")
+    p.add_argument("--epochs", type=int, default=25, help="training epochs")
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--shards", type=int, default=2, help="index shards")
     p.add_argument("--rerank", default="kreciprocal", help="re-ranking for the query step")
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     pretrained = ["--pretrained", "lite0-imagenet"] if lite0_weights_available() else []
     step("train (Ray Train, DDP, CTL)", "train.py", "--shards", shards / "shards",
          "--backbone", "efficientnet_lite0", *pretrained, "--input-size", 64, 32, "--epochs", args.epochs,
-         "--warmup-epochs", 2, "--P", 8, "--M", 4, "--num-workers", args.num_workers, "--name", "demo",
+         "--warmup-epochs", 3, "--P", 8, "--M", 4, "--num-workers", args.num_workers, "--name", "demo",
          "--storage-path", out / "ray_results", "--output", model, log=log)
     step("embed gallery (Ray Data)", "embed.py", "--model", model, "--shards", shards / "shards",
          "--split", "gallery", "--out", emb, log=log)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     step("evaluate retrieved lists", "evaluate.py", "--results", results, "--query", qemb,
          "--gallery-labels", emb, "--out", out / "results_report.json", log=log)
     step("evaluation report", "evaluate.py", "--query", qemb, "--gallery", emb, "--mode", "both",
-         "--rerank", "none", "--rerank", args.rerank, "--report", report, "--out", report / "report.json", log=log)
+         "--rerank", "none", "--rerank", args.rerank, "--report", report, "--images", shards, "--out", report / "report.json", log=log)
 
     print("\n== stage times")
     for title, seconds in log:
