@@ -44,8 +44,9 @@ def parse_args(argv=None):
 
 
 def search_batches(index, queries_path: str, k: int, batch_size: int, split: str | None = None):
-    """Yield (query_ids, query vectors (n, D) float32, SearchHits) per batch of queries. The one place where a re-ranking step
-    (--rerank) plugs in: it takes these hits (plus the query vectors) and returns new hits."""
+    """Yield (query_ids, query vectors (n, D) float32, SearchHits) per batch of queries (rows of
+    `split` only when given). Used without re-ranking; --rerank reads all queries at once
+    (answer_reranked), since k-reciprocal compares the queries with each other."""
     import numpy as np
     import pyarrow as pa
 
