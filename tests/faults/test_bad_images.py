@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -180,3 +181,34 @@ def test_embed_stage_records_bad_images_truncated_shard_and_stays_small(tiny_mod
     assert errors[cut_url].startswith("unreadable shard"), errors
     assert rss < RSS_LIMIT_MB, f"peak RSS {rss:.0f} MB"
     assert res["peak_mb"] - res["warm_mb"] < GROWTH_LIMIT_MB, res
+
+
+def test_model_nan_output_is_an_error_row_never_written():
+    """A model that returns NaN/inf for one image: that image is an error row, the others are
+    embedded (no NaN ever reaches the embeddings file)."""
+    torch = pytest.importorskip("torch")
+    import pyarrow as pa
+
+    from model.embedding import ModelRunner, embed_sample_table, sample_table, split_embedded
+    from model.transforms import decode_image
+
+    class Net(torch.nn.Module):
+        def forward(self, x):  # image 1 -> NaN, image 2 -> inf, others finite
+            y = x.mean(dim=(2, 3)).repeat(1, 3) + 1.0
+            y[1, 0] = float("nan")
+            y[2, 4] = float("inf")
+            return y
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.net, runner.device, runner.dim, runner.pool = Net().eval(), "cpu", 9, None
+    runner.decode = decode_image
+    runner.transform = lambda img: torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1).copy())
+    rows = [{"image_id": f"g/{i}.jpg", "item_id": "1", "camera_id": 1, "split": "gallery"} for i in range(4)]
+    t = embed_sample_table(runner, sample_table(rows, [jpeg(i) for i in range(4)]))
+    good, errors, _ = split_embedded(t)
+    assert good.column("image_id").to_pylist() == ["g/0.jpg", "g/3.jpg"]
+    assert errors.to_pylist() == [{"image_id": "g/1.jpg", "reason": "model produced NaN/inf embedding"},
+                                  {"image_id": "g/2.jpg", "reason": "model produced NaN/inf embedding"}]
+    emb = good.column("embedding").combine_chunks()
+    assert isinstance(emb, pa.FixedSizeListArray)
+    assert np.isfinite(emb.flatten().to_numpy()).all()
