@@ -94,6 +94,7 @@ def test_make_shards_records_bad_images_and_stays_small(bad_folder, tmp_path):
     assert reasons["bomb20k.png"].startswith("too large") and reasons["bomb12k.png"].startswith("too large: 12000x12000")
     assert pq.read_table(out / "manifest.parquet").num_rows == 12
     assert f"rejected {len(bad_images())}" in stdout
+    print(f"make_shards with {len(bad_images())} bad images: peak RSS {rss:.0f} MB")
     assert rss < RSS_LIMIT_MB, f"peak RSS {rss:.0f} MB"
 
 
@@ -179,6 +180,8 @@ def test_embed_stage_records_bad_images_truncated_shard_and_stays_small(tiny_mod
         assert bad[name].startswith("undecodable image"), (name, bad[name])
     assert "exceeds the limit" in bad["bomb12k.png"] or "pixels" in bad["bomb12k.png"]
     assert errors[cut_url].startswith("unreadable shard"), errors
+    print(f"embed stage: peak RSS {rss:.0f} MB (child), {res['warm_mb']:.0f} MB after the good-image "
+          f"warm-up, {res['peak_mb']:.0f} MB after the bad images")
     assert rss < RSS_LIMIT_MB, f"peak RSS {rss:.0f} MB"
     assert res["peak_mb"] - res["warm_mb"] < GROWTH_LIMIT_MB, res
 
