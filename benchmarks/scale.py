@@ -101,7 +101,6 @@ def main():
     p.add_argument("--index-shards", type=int, default=4)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--rerank", default="kreciprocal")
-    p.add_argument("--keep", action="store_true", help="keep the work directory's data from earlier stages")
     args = p.parse_args()
     work = pathlib.Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
