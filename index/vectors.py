@@ -7,6 +7,7 @@ the key ``centroid_retrieval``: ``{"model": ..., "dim": D, "normalized": true}``
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -195,6 +196,32 @@ def check_schema(schema: pa.Schema, kind: str, where: str) -> VectorMeta:
     return meta
 
 
+def check_files_agree(ds: pads.Dataset, where: str) -> None:
+    """Every file of a multi-file dataset must have the embedding type and model of the first:
+    the dataset's schema is the first file's, so a file of another dimension would otherwise fail
+    deep in Arrow and a file of another model would be read as the first file's model. Reads one
+    Parquet footer per file."""
+    files = getattr(ds, "files", None) or []
+    if len(files) < 2:
+        return
+    first = None
+    for frag in ds.get_fragments():
+        s = frag.physical_schema
+        emb = s.field("embedding").type if "embedding" in s.names else None
+        try:
+            meta = json.loads((s.metadata or {}).get(META_KEY, b"null")) or {}
+        except ValueError:
+            meta = {}
+        key = (str(emb), meta.get("model"), meta.get("dim"))
+        if first is None:
+            first = (frag.path, key)
+        elif key != first[1]:
+            raise VectorFileError(
+                f"{where}: files disagree: {os.path.basename(frag.path)} has embedding {key[0]} of model "
+                f"{key[1]} (dim {key[2]}), {os.path.basename(first[0])} has {first[1][0]} of model "
+                f"{first[1][1]} (dim {first[1][2]})")
+
+
 def detect_kind(schema: pa.Schema) -> str:
     return "embeddings" if "image_id" in schema.names else "centroids"
 
@@ -238,6 +265,7 @@ def read_vectors(path: str, kind: str | None = None, split: str | None = None,
     ds = open_dataset(path)
     kind = kind or detect_kind(ds.schema)
     meta = check_schema(ds.schema, kind, path)
+    check_files_agree(ds, path)
     flt = None
     if split is not None and "split" in ds.schema.names:
         flt = pads.field("split") == split
@@ -259,6 +287,7 @@ def iter_vector_batches(path: str, batch_size: int = 65536, columns: list[str] |
     """Stream (labels batch, (n, D) float32 vectors) from a Parquet file/dir, never loading it whole."""
     ds = open_dataset(path)
     meta = check_schema(ds.schema, detect_kind(ds.schema), path)
+    check_files_agree(ds, path)
     cols = None if columns is None else list(dict.fromkeys([*columns, "embedding"]))
     for batch in ds.to_batches(columns=cols, batch_size=batch_size):
         if batch.num_rows == 0:

@@ -170,37 +170,34 @@ def test_empty_vector_files_for_build_and_evaluate(world, tmp_path, capsys):
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "r" / "n" / "CURRENT").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="index/build.py: a directory whose files have different embedding "
-                   "dimensions ends in a pyarrow ArrowTypeError traceback (exit 1), not a one-line error")
-def test_build_index_mixed_dimensions_in_one_directory(tmp_path, capsys):
-    (tmp_path / "mixed").mkdir()
-    write_vectors(tmp_path / "mixed" / "a.parquet", clustered(10, DIM))
-    write_vectors(tmp_path / "mixed" / "b.parquet", clustered(10, 8), prefix="b")
-    code, _, err = cli(build_job, ["--vectors", tmp_path / "mixed", "--root", tmp_path / "r", "--name", "n"], capsys)
-    assert_one_line_error(code, err, "dim")
-
-
-def _mixed(tmp_path):
+def _mixed(tmp_path, dim=8, model="m1"):
+    """A directory of two vector files that disagree: dimension (dim != DIM) or model."""
     (tmp_path / "mixed").mkdir()
     write_vectors(tmp_path / "mixed" / "a.parquet", clustered(10, DIM), prefix="a")
-    write_vectors(tmp_path / "mixed" / "b.parquet", clustered(10, 8), prefix="b")
+    write_vectors(tmp_path / "mixed" / "b.parquet", clustered(10, dim), prefix="b", model=model)
     return tmp_path / "mixed"
 
 
-@pytest.mark.xfail(strict=True, reason="pipelines/query.py: a query directory whose files have different "
-                   "dimensions ends in a pyarrow ArrowTypeError traceback, not a one-line error")
-def test_query_mixed_dimensions_in_one_directory(world, tmp_path, capsys):
-    code, _, err = cli(query_job, ["--index", world / "idx" / "g", "--queries", _mixed(tmp_path), "--k", 3,
+MIXED = {"dimensions": ({"dim": 8}, "dim 8"), "models": ({"dim": DIM, "model": "m2"}, "model m2")}
+
+
+@pytest.mark.parametrize("case", list(MIXED))
+def test_directory_of_disagreeing_files_is_refused(world, tmp_path, capsys, case):
+    """Files of another dimension (was an ArrowTypeError traceback) or another model (was read as
+    the first file's model) in one directory: one line for build_index, query and evaluate."""
+    kwargs, needle = MIXED[case]
+    mixed = _mixed(tmp_path, **kwargs)
+    code, _, err = cli(build_job, ["--vectors", mixed, "--root", tmp_path / "r", "--name", "n"], capsys)
+    assert_one_line_error(code, err, "files disagree", needle)
+    assert not (tmp_path / "r" / "n" / "CURRENT").exists()
+    code, _, err = cli(query_job, ["--index", world / "idx" / "g", "--queries", mixed, "--k", 3,
                                    "--out", tmp_path / "o"], capsys)
-    assert_one_line_error(code, err, "dim")
-
-
-@pytest.mark.xfail(strict=True, reason="pipelines/evaluate.py: a query directory whose files have different "
-                   "dimensions ends in a pyarrow ArrowTypeError traceback, not a one-line error")
-def test_evaluate_mixed_dimensions_in_one_directory(world, tmp_path, capsys):
-    code, _, err = cli(evaluate_job, ["--query", _mixed(tmp_path), "--gallery", world / "gallery.parquet",
-                                      "--out", tmp_path / "r.json"], capsys)
-    assert_one_line_error(code, err, "dim")
+    assert_one_line_error(code, err, "files disagree", needle)
+    assert not (tmp_path / "o").exists()
+    for q, g in ((mixed, world / "gallery.parquet"), (world / "gallery.parquet", mixed)):
+        code, _, err = cli(evaluate_job, ["--query", q, "--gallery", g, "--out", tmp_path / "r.json"], capsys)
+        assert_one_line_error(code, err, "files disagree", needle)
+    assert not (tmp_path / "r.json").exists()
 
 
 # ---- an item with no images -------------------------------------------------------------------
