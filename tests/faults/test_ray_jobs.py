@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
 
 REPO = Path(__file__).resolve().parents[2]
-N_GOOD = 48
+N_GOOD = 24
 
 # The killed run: the real job, with its part writer slowed down (slow storage) and announcing
 # each write, so the test kills it while parts are being written.
@@ -43,7 +43,7 @@ real = embed._PartWriter.write
 def write(self, table):
     real(self, table)
     print("PART-WRITE", self.rows, flush=True)
-    time.sleep(0.5)
+    time.sleep(0.3)
 embed._PartWriter.write = write
 run_main(embed.main, sys.argv[2:])
 """
@@ -221,3 +221,17 @@ def test_centroids_bad_vectors_and_disk_full(tmp_path, capsys, ray_module):
     assert code == 2 and "No space left on device" in err.strip().splitlines()[-1], err
     assert tree(out) == before and leftovers(tmp_path) == []
 
+
+
+@pytest.mark.xfail(strict=True, reason="pipelines/centroids.py reads a directory whose files come from two "
+                   "models as the first file's model (index.vectors.check_files_agree is not called)")
+def test_centroids_refuses_files_of_two_models(tmp_path, capsys, ray_module):
+    from pipelines import centroids
+    from tests.index.index_data import clustered, write_vectors
+
+    (tmp_path / "mixed").mkdir()
+    write_vectors(tmp_path / "mixed" / "a.parquet", clustered(6, 8), prefix="a")
+    write_vectors(tmp_path / "mixed" / "b.parquet", clustered(6, 8), prefix="b", model="m2")
+    code, _, err = cli(centroids.main, ["--embeddings", tmp_path / "mixed", "--out", tmp_path / "c"], capsys)
+    assert code == 2 and "files disagree" in err.strip().splitlines()[-1], err[-300:]
+    assert not (tmp_path / "c").exists()
