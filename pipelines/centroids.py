@@ -68,10 +68,11 @@ def main(argv=None) -> int:
 
     from index import centroids as C
     from index.storage import atomic_dir, resolve
-    from index.vectors import VectorFileError, check_schema, open_dataset
+    from index.vectors import VectorFileError, check_files_agree, check_schema, open_dataset
 
     ds_meta = open_dataset(args.embeddings)
     meta = check_schema(ds_meta.schema, "embeddings", args.embeddings)
+    check_files_agree(ds_meta, args.embeddings)  # every file: same model and embedding type
     files = list(ds_meta.files)
     rows = sum(f.metadata.num_rows for f in ds_meta.get_fragments())
     if not files or rows == 0:

@@ -61,11 +61,12 @@ def _previous_keys(prev: str, model_id: str):
     """Sorted (P,) int64 row keys of an earlier output made by the same model (else empty)."""
     import numpy as np
 
-    from index.vectors import check_schema, open_dataset
+    from index.vectors import check_files_agree, check_schema, open_dataset
     from model.embedding import LABEL_COLUMNS, row_keys
 
     ds = open_dataset(prev)
     meta = check_schema(ds.schema, "embeddings", prev)
+    check_files_agree(ds, prev)
     if meta.model != model_id:
         print(f"embed: --incremental {prev} was made by model {meta.model}, not {model_id}: "
               "nothing carried", flush=True)
