@@ -223,8 +223,6 @@ def test_centroids_bad_vectors_and_disk_full(tmp_path, capsys, ray_module):
 
 
 
-@pytest.mark.xfail(strict=True, reason="pipelines/centroids.py reads a directory whose files come from two "
-                   "models as the first file's model (index.vectors.check_files_agree is not called)")
 def test_centroids_refuses_files_of_two_models(tmp_path, capsys, ray_module):
     from pipelines import centroids
     from tests.index.index_data import clustered, write_vectors
