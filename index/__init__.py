@@ -2,3 +2,10 @@
 
 Never imports `model`, `pipelines` or `cluster`.
 """
+
+
+def open(path: str, verify: bool = False, **kwargs):  # noqa: A001 (DESIGN names it index.open)
+    """Open the version ROOT/NAME/CURRENT names for search: index.search.open_index."""
+    from index.search import open_index  # lazy: `import index.metrics` stays light
+
+    return open_index(path, verify=verify, **kwargs)

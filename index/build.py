@@ -354,7 +354,8 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
         f"({'GPU' if gpu else 'CPU'})")
 
     has_image = "image_id" in ds.schema.names
-    label_cols = ["item_id"] + (["image_id"] if has_image else [])
+    has_count = not has_image and "count" in ds.schema.names  # centroids: images per item
+    label_cols = ["item_id"] + (["image_id"] if has_image else []) + (["count"] if has_count else [])
     rng = np.random.default_rng(cfg.seed)
 
     # pass 1: training sample + evaluation queries (not needed for exact Flat)
@@ -404,6 +405,11 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
                 items = labels.column("item_id")
                 if items.null_count:
                     raise VectorFileError(f"{vectors}: item_id has null values")
+                if has_count:
+                    empty = np.flatnonzero(labels.column("count").fill_null(0).to_numpy() <= 0)
+                    if len(empty):
+                        raise VectorFileError(f"{vectors}: item {items[int(empty[0])].as_py()!r} has no "
+                                              "images (count 0): not a centroid")
                 shard = shard_of(items.to_pylist(), cfg.shards)
                 images = labels.column("image_id") if has_image else pa.nulls(n, pa.string())
                 # evaluation queries are held back: added to the index only after tuning, so

@@ -108,7 +108,12 @@ def _replace_local_dir(src: str, target: str) -> None:
     if os.path.lexists(target):
         old = f"{target}.old-{uuid.uuid4().hex[:8]}"
         os.rename(target, old)
-    os.rename(src, target)
+    try:
+        os.rename(src, target)
+    except BaseException:
+        if old:  # put the previous model back: the model directory never goes missing
+            os.rename(old, target)
+        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -297,7 +298,19 @@ def shard_error_table(bad: Sequence[tuple[str, str]]) -> pa.Table:
 def read_file_bytes(root: str, rel: str) -> tuple[bytes, str | None]:
     """(bytes of root/rel, None) on the local filesystem or any filesystem pyarrow opens, or
     (b'', reason) if unreadable: the image is then recorded as an error, not fatal."""
-    path = root.rstrip("/") + "/" + rel.lstrip("/")
+    from model.ingest import PathEscapeError, safe_relpath
+
+    try:
+        if "://" in root:  # remote roots have no symlinks: the lexical check is enough
+            norm = posixpath.normpath(rel)
+            if rel.startswith("/") or norm == ".." or norm.startswith("../"):
+                raise PathEscapeError(f"manifest path {rel!r} leaves the dataset root")
+            rel = norm
+        else:
+            rel = safe_relpath(root, rel)
+    except PathEscapeError as e:
+        return b"", str(e)
+    path = root.rstrip("/") + "/" + rel
     try:
         if "://" in root and not root.startswith("file://"):
             import pyarrow.fs as pafs

@@ -104,6 +104,9 @@ def main(argv=None) -> int:
                 w.write(make_results_table(qids, hits.item_ids, hits.image_ids, hits.scores, hits.valid))
                 n += len(qids)
                 print(f"{n} queries", flush=True)
+            if n == 0:
+                raise ValueError(f"{args.queries}: no queries to answer (the file has no rows"
+                                 + (f" of split {args.split!r})" if args.split else ")"))
     finally:
         index.close()
     print(f"wrote {w.rows} rows for {n} queries to {args.out}")

@@ -150,8 +150,6 @@ def test_query_with_a_centroids_file_or_an_index_of_another_model(world, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="pipelines/query.py: an empty query file writes an empty result "
-                   "set and exits 0 instead of a one-line error")
 def test_query_empty_query_file_is_an_error(world, tmp_path, capsys):
     empty = raw_embeddings(tmp_path / "empty.parquet", np.zeros((0, DIM), np.float32))
     code, _, err = cli(query_job, ["--index", world / "idx" / "g", "--queries", empty, "--k", 3,
@@ -218,8 +216,6 @@ def _centroids_with_empty_item(path):
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="index/build.py indexes a centroid whose count is 0 (an item with no "
-                   "images) instead of refusing the file")
 def test_build_index_refuses_a_centroid_of_no_images(tmp_path, capsys):
     path = _centroids_with_empty_item(tmp_path / "c.parquet")
     code, _, err = cli(build_job, ["--vectors", path, "--root", tmp_path / "r", "--name", "n"], capsys)

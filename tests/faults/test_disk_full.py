@@ -258,9 +258,6 @@ def test_evaluate_report_disk_full_keeps_previous_report(tmp_path, capsys, monke
 
 # ---- model directory (train's output) -------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="model/checkpoint.py _replace_local_dir moves the previous model "
-                   "directory aside and does not move it back when renaming the new one into place fails: "
-                   "the model directory is gone")
 def test_save_model_swap_failure_keeps_previous_model(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     import model.checkpoint as ck

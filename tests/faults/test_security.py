@@ -204,8 +204,6 @@ def test_hostile_tar_through_embed_reader_writes_nothing(tmp_path, monkeypatch):
 
 # ---- manifest paths cannot escape the dataset root (embed --manifest) -----------------------
 
-@pytest.mark.xfail(strict=True, reason="model/embedding.py read_file_bytes joins root + path without "
-                   "checking that the result stays under root (embed --manifest reads ../ and absolute paths)")
 def test_embed_manifest_paths_cannot_escape_root(tmp_path):
     from model.embedding import manifest_sample_table
 
