@@ -26,7 +26,7 @@ BACKBONE_DIMS = {
     "resnet50_ibn_a": 2048,
     "efficientnet_lite0": 1280,
 }
-POOLINGS = ("avg", "gem")
+POOLINGS = ("avg", "max", "gem", "rmac")
 
 
 @dataclass
@@ -116,6 +116,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     triplet_weight: float = 1.0
     ctl_weight: float = 1.0       # 0 switches CTL off
+    ap_weight: float = 0.0        # > 0 adds the listwise AP loss (Revaud et al. 2019)
+    ap_bins: int = 20             # histogram bins of the AP loss
     center_weight: float = 5e-4   # 0 switches center loss off
     center_lr: float = 0.5
     accum_steps: int = 1

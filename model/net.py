@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.backbones import build_backbone
+from model.pooling import build_pooling
 from model.config import ModelConfig
 
 
@@ -30,11 +31,6 @@ class GeM(nn.Module):
         return pooled.pow(1.0 / p).flatten(1)
 
 
-class AvgPool(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
-
-
 class ReIDNet(nn.Module):
     """Train mode: forward(x) -> (global feature (B, D), bn feature (B, D), logits (B, C) or None).
     Eval mode: forward(x) -> post-BN embedding (B, D) float32 (not L2-normalised).
@@ -45,7 +41,7 @@ class ReIDNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = build_backbone(cfg.backbone, cfg.last_stride)
-        self.pool = GeM(cfg.gem_p) if cfg.pooling == "gem" else AvgPool()
+        self.pool = build_pooling(cfg.pooling, cfg.gem_p)
         d = cfg.embedding_dim
         self.bottleneck = nn.BatchNorm1d(d)
         nn.init.ones_(self.bottleneck.weight)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from model.config import TrainConfig
+from model.ap_loss import ap_loss
 from model.losses import CenterLoss, batch_hard_triplet, centroid_triplet, label_smoothed_ce
 
-LOSS_PARTS = ("ce", "triplet", "ctl", "center")
+LOSS_PARTS = ("ce", "triplet", "ctl", "center", "ap")
 
 
 def lr_factor(epoch: int, tcfg: TrainConfig) -> float:
@@ -71,6 +72,9 @@ def compute_losses(feat: torch.Tensor, logits: torch.Tensor | None, labels: torc
     if tcfg.center_weight > 0 and center is not None:
         parts["center"] = center(feat, labels)
         total = total + tcfg.center_weight * parts["center"]
+    if tcfg.ap_weight > 0:
+        parts["ap"] = ap_loss(feat, labels, tcfg.ap_bins)
+        total = total + tcfg.ap_weight * parts["ap"]
     return total, {k: v.detach() for k, v in parts.items()}
 
 

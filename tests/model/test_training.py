@@ -131,3 +131,25 @@ def test_loader_batches_and_corrupt_image_skipped(tmp_path):
     assert len(rows) == 11 and emb.shape == (11, 1280)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     ShardReader(idx).close()
+
+
+def test_rmac_pooling_and_ap_loss_train_together():
+    """R-MAC head and the AP loss plug into the same training step as CTL; the AP part has a
+    gradient that reaches the backbone."""
+    import torch
+
+    from model.config import ModelConfig, TrainConfig
+    from model.net import build_model
+    from model.training import compute_losses
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(backbone="resnet18", pooling="rmac", num_classes=4, input_size=(64, 32)))
+    net.train()
+    x, y = torch.randn(8, 3, 64, 32), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    feat, _, logits = net(x)
+    total, parts = compute_losses(feat, logits, y, None,
+                                  TrainConfig(ap_weight=1.0, ctl_weight=1.0, center_weight=0))
+    assert {"ap", "ctl", "ce", "triplet"} <= set(parts)
+    assert 0.0 < float(parts["ap"]) <= 1.0
+    total.backward()
+    assert next(net.backbone.parameters()).grad is not None
