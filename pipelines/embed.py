@@ -130,12 +130,26 @@ class _PartWriter:
             self.writer = None
 
 
+
+def write_errors(out_dir: str, errors: list, rows_written: int):
+    """Write out_dir/_errors.parquet (image_id, reason) and return it; refuse an output with no
+    embedded row at all (every image failed), naming the first reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    error_table = (pa.concat_tables(errors) if errors else
+                   pa.table({"image_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}))
+    if rows_written == 0:
+        first = error_table.column("reason")[0].as_py() if error_table.num_rows else "no images"
+        raise ValueError(f"nothing embedded: {error_table.num_rows} error(s), first: {first}")
+    pq.write_table(error_table, f"{out_dir}/_errors.parquet")
+    return error_table
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from index.storage import atomic_dir
     from index.vectors import embeddings_schema
@@ -247,12 +261,7 @@ def main(argv=None) -> int:
             n_carried = _copy_carried(args.incremental, carried_keys, writer.write) if args.incremental else 0
         finally:
             writer.close()
-        error_table = (pa.concat_tables(errors) if errors else
-                       pa.table({"image_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}))
-        if writer.rows == 0:
-            first = error_table.column("reason")[0].as_py() if error_table.num_rows else "no images"
-            raise ValueError(f"nothing embedded: {error_table.num_rows} error(s), first: {first}")
-        pq.write_table(error_table, f"{tmp}/_errors.parquet")
+        error_table = write_errors(tmp, errors, writer.rows)
         seconds = time.perf_counter() - t0
         # steady rate: embedded images over the span from the first model call's start to the last
         # one's end (model loading and Ray start-up excluded, reading stalls included)

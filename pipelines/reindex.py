@@ -86,12 +86,11 @@ def embed_local(manifest, root: str, model_dir: str, previous: str | None, out: 
 
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from index.storage import atomic_dir
     from index.vectors import embeddings_schema
     from model import embedding as E
-    from pipelines.embed import _copy_carried, _PartWriter, _previous_keys
+    from pipelines.embed import _copy_carried, _PartWriter, _previous_keys, write_errors
 
     t0 = time.perf_counter()
     runner = E.ModelRunner(model_dir, device="auto", threads=threads or None, decode_threads=1)
@@ -114,12 +113,7 @@ def embed_local(manifest, root: str, model_dir: str, previous: str | None, out: 
             n_carried = _copy_carried(previous, keys, writer.write) if previous else 0
         finally:
             writer.close()
-        error_table = (pa.concat_tables(errors) if errors else
-                       pa.table({"image_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}))
-        if writer.rows == 0:
-            first = error_table.column("reason")[0].as_py() if error_table.num_rows else "no images"
-            raise ValueError(f"nothing embedded: {error_table.num_rows} error(s), first: {first}")
-        pq.write_table(error_table, f"{tmp}/_errors.parquet")
+        error_table = write_errors(tmp, errors, writer.rows)
         summary = {"model": runner.model_id, "dim": runner.dim, "embedded": embedded, "carried": n_carried,
                    "errors": error_table.num_rows, "rows": writer.rows, "files": writer.parts,
                    "seconds": round(time.perf_counter() - t0, 3)}
