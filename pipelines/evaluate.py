@@ -193,7 +193,11 @@ def evaluate_results(args) -> int:
     if missing:
         raise ValueError(f"{args.results}: not query results, missing column(s) {', '.join(sorted(missing))}")
     pq_, k, mode = per_query_metrics_from_results(results, q_items, q_ids, q_cams, g_items, g_ids, g_cams)
-    report = make_report(pq_, mode, at_k=k, note=f"metrics@{k} from retrieved lists: AP@k divides by "
+    from index.results import results_metadata
+
+    rerank = results_metadata(args.results).get("rerank")  # what query.py applied, if anything
+    report = make_report(pq_, mode, None if rerank in (None, "none") else rerank, at_k=k,
+                         note=f"metrics@{k} from retrieved lists: AP@k divides by "
                          "min(k, true matches); CMC only up to k")
     report["cmc"] = {r: v for r, v in report["cmc"].items() if int(r) <= k}
     print(format_report(report))

@@ -158,3 +158,26 @@ def test_index_vectors_and_search_wrappers(setup):
         expanded = query_expansion(q, g[keep], 3)
         ref = rows[np.argsort(-(expanded @ g[keep].T), axis=1, kind="stable")[:, :10]]
         assert (res.ids == ref).mean() > 0.99
+
+
+def test_evaluate_results_reports_the_rerank_query_applied(setup, capsys, tmp_path):
+    """evaluate.py --results scores query.py's lists and names the re-ranking they carry; the
+    re-ranked lists score a higher mAP@k than the plain ones."""
+    import json
+
+    from pipelines import evaluate
+
+    tmp, q, *_ = setup
+    base = ["--index", str(tmp / "idx" / "g"), "--queries", str(tmp / "queries.parquet"), "--k", "30",
+            "--split", "query"]
+    reports = {}
+    for method in ("none", "kreciprocal"):
+        out = tmp_path / method
+        assert run_cli(base + ["--out", str(out), "--rerank", method, "--k1", "8", "--k2", "3"], capsys)[0] == 0
+        assert evaluate.main(["--results", str(out), "--query", str(tmp / "queries.parquet"),
+                              "--query-split", "query", "--gallery-labels", str(tmp / "gallery.parquet"),
+                              "--out", str(tmp_path / f"{method}.json")]) == 0
+        reports[method] = json.loads((tmp_path / f"{method}.json").read_text())
+    assert reports["none"]["rerank"] is None and reports["kreciprocal"]["rerank"] == "kreciprocal"
+    assert reports["none"]["at_k"] == 30 and set(reports["none"]["cmc"]) == {"1", "5", "10", "20"}
+    assert reports["kreciprocal"]["mAP"] > reports["none"]["mAP"]
