@@ -72,7 +72,7 @@ def raw_forward(model_dir: str, images: list[bytes], batch_size: int, threads: i
 
     torch.set_num_threads(threads)
     net, cfg, _ = load_model(model_dir)
-    net = prepare_model(net, "cpu")
+    net = prepare_model(net, "cpu", tuple(cfg.input_size))  # frozen, as in the actors
     tf = eval_transform(cfg)
     x = torch.stack([tf(decode_image(b)) for b in images])
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
@@ -85,17 +85,15 @@ def raw_forward(model_dir: str, images: list[bytes], batch_size: int, threads: i
 
 
 def decode_seconds(model_dir: str, images: list[bytes]) -> float:
-    """Seconds per image of what the actor does besides the forward pass: decode + eval transform
-    + stacking (one thread)."""
-    import torch
-
+    """Seconds per image of what the actor does besides the forward pass: decode + resize +
+    batched normalise (one thread)."""
     from model.checkpoint import load_model
-    from model.transforms import decode_image, eval_transform
+    from model.transforms import BatchEvalTransform, decode_image
 
     _, cfg, _ = load_model(model_dir)
-    tf = eval_transform(cfg)
+    tf = BatchEvalTransform(cfg)
     t = time.perf_counter()
-    torch.stack([tf(decode_image(b)) for b in images])
+    tf.normalize([tf.resize(decode_image(b)) for b in images])
     return (time.perf_counter() - t) / len(images)
 
 

@@ -86,9 +86,9 @@ def mark_carried(table: pa.Table, previous_keys: np.ndarray | None) -> pa.Table:
 def _model_api():
     """The training helper's model-directory API (imported lazily: torch is heavy)."""
     from model.checkpoint import load_model
-    from model.transforms import decode_image, eval_transform
+    from model.transforms import BatchEvalTransform, decode_image
 
-    return load_model, decode_image, eval_transform
+    return load_model, decode_image, BatchEvalTransform
 
 
 def decode_or_reason(data: bytes, decode: Callable[[bytes], object]):
@@ -104,9 +104,11 @@ def decode_or_reason(data: bytes, decode: Callable[[bytes], object]):
 
 
 def preprocess(images: Sequence[bytes], decode: Callable, transform: Callable,
-               pool: ThreadPoolExecutor | None = None):
+               pool: ThreadPoolExecutor | None = None, collate: Callable | None = None):
     """Decode and transform a batch of encoded images.
 
+    transform: per image (PIL -> tensor, or -> array when `collate` batches them);
+    collate: list of per-image outputs -> (n_ok, 3, H, W) tensor (default torch.stack).
     Returns (x, ok, reasons): x float32 tensor (n_ok, 3, H, W) of the decodable images in order,
     ok (N,) bool, reasons: list of N (None or why the image was skipped).
     """
@@ -123,8 +125,8 @@ def preprocess(images: Sequence[bytes], decode: Callable, transform: Callable,
 
     results = list(pool.map(one, images)) if pool is not None else [one(b) for b in images]
     ok = np.array([t is not None for t, _ in results], dtype=bool)
-    tensors = [t for t, _ in results if t is not None]
-    x = torch.stack(tensors) if tensors else None
+    outs = [t for t, _ in results if t is not None]
+    x = (collate or torch.stack)(outs) if outs else None
     return x, ok, [r for _, r in results]
 
 
@@ -136,13 +138,39 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def prepare_model(net, device: str):
-    """Move an eval-mode net to `device`; channels_last on GPU (faster convolutions)."""
+def prepare_model(net, device: str, input_size: tuple[int, int] | None = None,
+                  freeze: bool = True):
+    """Move an eval-mode net to `device`. GPU: channels_last (faster convolutions).
+
+    CPU with `input_size` (H, W) and `freeze`: trace and freeze the net for inference (BatchNorm
+    folded into the convolutions, oneDNN layouts): about 1.5-2x the eager forward for small
+    inputs. The frozen net is checked against the eager one on a test batch; if tracing fails or
+    the outputs differ, it says so on stderr and keeps the eager net.
+    """
     import torch
 
     net = net.to(device).eval()
     if device.startswith("cuda"):
-        net = net.to(memory_format=torch.channels_last)
+        return net.to(memory_format=torch.channels_last)
+    if not (freeze and input_size):
+        return net
+    import sys
+    import warnings
+
+    x = torch.randn(3, 3, int(input_size[0]), int(input_size[1]), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            # torch.jit.freeze is marked deprecated in favour of torch.compile, which costs ~40 s
+            # of compilation per actor here and was no faster for this model on CPU
+            warnings.simplefilter("ignore", FutureWarning)
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(net, x[:1])))
+            want, got = net(x), frozen(x)
+        if torch.allclose(want, got, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
+            return frozen
+        why = f"outputs differ by {float((want - got).abs().max()):.3g}"
+    except Exception as e:  # noqa: BLE001 -- any tracing failure just means the eager path
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    print(f"embed: frozen CPU model unusable ({why}); using the eager model", file=sys.stderr)
     return net
 
 
@@ -175,21 +203,23 @@ class ModelRunner:
     """A loaded model plus its eval transform; embeds lists of encoded images."""
 
     def __init__(self, model_dir: str, device: str = "auto", threads: int | None = None,
-                 decode_threads: int = 2):
+                 decode_threads: int = 1, freeze: bool = True):
         import torch
 
-        load_model, self.decode, eval_transform = _model_api()
+        load_model, self.decode, batch_transform = _model_api()
         if threads:
             torch.set_num_threads(int(threads))
         self.device = pick_device(device)
         net, self.cfg, self.model_id = load_model(model_dir)
-        self.net = prepare_model(net, self.device)
-        self.transform = eval_transform(self.cfg)
+        self.net = prepare_model(net, self.device, tuple(self.cfg.input_size), freeze)
+        tf = batch_transform(self.cfg)
+        self.transform, self.collate = tf.resize, tf.normalize
         self.dim = int(self.cfg.embedding_dim)
+        # decoding a small JPEG holds the GIL most of the time: threads only pay for big images
         self.pool = ThreadPoolExecutor(max(1, decode_threads)) if decode_threads > 1 else None
 
     def embed_images(self, images: Sequence[bytes]) -> EmbedResult:
-        x, ok, reasons = preprocess(images, self.decode, self.transform, self.pool)
+        x, ok, reasons = preprocess(images, self.decode, self.transform, self.pool, self.collate)
         out = np.zeros((len(images), self.dim), np.float32)
         if x is not None:
             emb = forward_embeddings(self.net, x, self.device)
@@ -252,8 +282,8 @@ class EmbedBatch:
     batch_format="pyarrow")``: loads the model once per actor, then embeds sample tables."""
 
     def __init__(self, model_dir: str, device: str = "auto", threads: int | None = None,
-                 decode_threads: int = 2):
-        self.runner = ModelRunner(model_dir, device, threads, decode_threads)
+                 decode_threads: int = 1, freeze: bool = True):
+        self.runner = ModelRunner(model_dir, device, threads, decode_threads, freeze)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return embed_sample_table(self.runner, batch)

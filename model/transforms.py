@@ -49,6 +49,37 @@ def eval_transform(cfg: ModelConfig):
     ])
 
 
+class BatchEvalTransform:
+    """``eval_transform`` split for batches, the same numbers with far less per-image overhead.
+
+    ``resize(img)``: PIL RGB -> (H, W, 3) uint8 array, per image (decode threads may run it);
+    ``normalize(arrays)``: N such arrays -> (N, 3, H, W) float32 tensor, one vectorised op for
+    the whole batch (per-image ToTensor/Normalize calls cost more than the model at 64x32).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        import torch
+
+        self.size = (int(cfg.input_size[1]), int(cfg.input_size[0]))  # PIL wants (W, H)
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def resize(self, img):
+        import numpy as np
+        from PIL import Image
+
+        if img.size != self.size:  # torchvision's Resize on PIL is this same PIL call
+            img = img.resize(self.size, Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+    def normalize(self, arrays):
+        import numpy as np
+        import torch
+
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
+        return x.sub_(self.mean).div_(self.std).contiguous()
+
+
 def train_transform(cfg: ModelConfig, flip_p: float = 0.5, pad: int = 10,
                     erase_p: float = 0.5):
     """PIL RGB -> augmented, normalised float32 tensor (3, H, W)."""

@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model actors (default: one per GPU, else one per 4 CPUs, at least 1)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per CPU actor (default: CPUs / actors)")
-    p.add_argument("--decode-threads", type=int, default=2, help="image decode threads per actor")
+    p.add_argument("--decode-threads", type=int, default=1,
+                   help="image decode threads per actor (more pays only for large images)")
+    p.add_argument("--no-freeze", action="store_true",
+                   help="CPU: run the eager model instead of the traced, frozen one")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: GPU actors when the cluster has GPUs, else CPU")
     p.add_argument("--incremental", default=None, metavar="PREVIOUS_OUT",
@@ -226,7 +229,8 @@ def main(argv=None) -> int:
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model_dir": args.model, "device": "cuda" if use_gpu else "cpu",
                                "threads": None if use_gpu else threads,
-                               "decode_threads": args.decode_threads},
+                               "decode_threads": args.decode_threads,
+                               "freeze": not args.no_freeze},
         **actor_res)
 
     t0 = time.perf_counter()

@@ -203,7 +203,7 @@ def test_model_nan_output_is_an_error_row_never_written():
             return y
 
     runner = ModelRunner.__new__(ModelRunner)
-    runner.net, runner.device, runner.dim, runner.pool = Net().eval(), "cpu", 9, None
+    runner.net, runner.device, runner.dim, runner.pool, runner.collate = Net().eval(), "cpu", 9, None, None
     runner.decode = decode_image
     runner.transform = lambda img: torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1).copy())
     rows = [{"image_id": f"g/{i}.jpg", "item_id": "1", "camera_id": 1, "split": "gallery"} for i in range(4)]

@@ -112,3 +112,25 @@ def test_manifest_sample_table_reports_missing_file(tmp_path):
     errs = t.column("read_error").to_pylist()
     assert errs[0] is None and errs[1].startswith("unreadable file")
     assert t.column("camera_id").null_count == 2
+
+
+def test_frozen_cpu_model_matches_eager(tiny_model):
+    from model.checkpoint import load_model
+
+    net, cfg, _ = load_model(tiny_model)
+    frozen = E.prepare_model(net, "cpu", tuple(cfg.input_size), freeze=True)
+    assert isinstance(frozen, torch.jit.ScriptModule)
+    x = torch.randn(5, 3, *cfg.input_size)  # another batch size than the one traced
+    want = E.forward_embeddings(net.eval(), x, "cpu")
+    np.testing.assert_allclose(E.forward_embeddings(frozen, x, "cpu"), want, atol=1e-5)
+    assert E.prepare_model(net, "cpu", tuple(cfg.input_size), freeze=False) is net
+
+
+def test_untraceable_model_falls_back_to_eager_and_says_so(capsys):
+    class Branchy(torch.nn.Module):  # shape-dependent control flow: the trace bakes in one branch
+        def forward(self, x):
+            return x.mean(dim=(2, 3)) * (2.0 if x.shape[0] == 1 else 1.0) + 1.0
+
+    net = Branchy()
+    assert E.prepare_model(net, "cpu", (8, 4)) is net
+    assert "using the eager model" in capsys.readouterr().err
