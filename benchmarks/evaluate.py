@@ -6,7 +6,7 @@
 Writes query/gallery Parquet files (embeddings contract) to --work, runs the real CLI in a child
 process and reports its wall time and peak RSS (getrusage of the child).
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
 import json

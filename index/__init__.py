@@ -4,7 +4,7 @@ Never imports `model`, `pipelines` or `cluster`.
 """
 
 
-def open(path: str, verify: bool = False, **kwargs):  # noqa: A001 (DESIGN names it index.open)
+def open(path: str, verify: bool = False, **kwargs):
     """Open the version ROOT/NAME/CURRENT names for search: index.search.open_index."""
     from index.search import open_index  # lazy: `import index.metrics` stays light
 

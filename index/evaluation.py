@@ -57,7 +57,7 @@ def format_report(report: dict) -> str:
     lines = [head, "-" * len(head)]
     for r in reports:
         lines.append(
-            f"{r['mode']:<9} {str(r.get('rerank') or '-'):<12} "
+            f"{r['mode']:<9} {r.get('rerank') or '-'!s:<12} "
             f"{r['num_valid_queries']:>4}/{r['num_queries']:<4} {r['mAP']:>7.4f} {r['mINP']:>7.4f} "
             + " ".join(f"{r['cmc'][k]:>6.4f}" for k in ranks))
     return "\n".join(lines)

@@ -41,7 +41,7 @@ class PerQueryMetrics:
         return self.num_matches > 0
 
     @staticmethod
-    def concat(parts: list["PerQueryMetrics"]) -> "PerQueryMetrics":
+    def concat(parts: list[PerQueryMetrics]) -> PerQueryMetrics:
         return PerQueryMetrics(*(np.concatenate([getattr(p, f) for p in parts])
                                  for f in ("ap", "inp", "first_match", "num_matches")))
 
@@ -174,7 +174,7 @@ def summarize(per_query: PerQueryMetrics, ranks=CMC_RANKS) -> dict:
                 "cmc": {str(k): 0.0 for k in ranks}}
     first = per_query.first_match[valid]
     return {
-        "num_queries": int(len(valid)),
+        "num_queries": len(valid),
         "num_valid_queries": n_valid,
         "mAP": float(per_query.ap[valid].mean()),
         "mINP": float(per_query.inp[valid].mean()),

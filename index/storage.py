@@ -10,7 +10,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
@@ -78,9 +78,8 @@ def replace_dir(src: str, target: str) -> None:
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
-    with atomic_path(path) as (fs, tmp):
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
+    with atomic_path(path) as (fs, tmp), fs.open_output_stream(tmp) as f:
+        f.write(data)
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.backbones import build_backbone
-from model.pooling import build_pooling
 from model.config import ModelConfig
+from model.pooling import build_pooling
 
 
 class GeM(nn.Module):

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import TrainConfig
 from model.ap_loss import ap_loss
+from model.config import TrainConfig
 from model.losses import CenterLoss, batch_hard_triplet, centroid_triplet, label_smoothed_ce
 
 LOSS_PARTS = ("ce", "triplet", "ctl", "center", "ap")

@@ -8,7 +8,7 @@ Each step is the same command a user runs (printed before it runs); nothing is d
 the network starts from the ImageNet EfficientNet-Lite0 weights of a local package when it is
 installed (the `pretrained` extra), from scratch otherwise.
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
 import json

@@ -7,7 +7,13 @@ import torch
 from PIL import Image
 
 from model.config import ModelConfig
-from model.transforms import BatchEvalTransform, ImageDecodeError, decode_image, eval_transform, train_transform
+from model.transforms import (
+    BatchEvalTransform,
+    ImageDecodeError,
+    decode_image,
+    eval_transform,
+    train_transform,
+)
 
 
 def _jpeg(w=32, h=64, mode="RGB"):

@@ -69,6 +69,7 @@ def test_evaluate_bad_inputs_one_line_error(embedding_files):
     bad = q.copy()
     bad[3, 0] = np.nan
     import pyarrow.parquet as pq
+
     from index.vectors import embeddings_to_arrow
     t = pq.read_table(tmp / "q.parquet")
     t = t.set_column(t.schema.get_field_index("embedding"), t.schema.field("embedding"), embeddings_to_arrow(bad))
