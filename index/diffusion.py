@@ -456,3 +456,62 @@ def diffuse_precomputed(pre: PrecomputedDiffusion, query_ids: np.ndarray, query_
         out_s[s + qq[top], rank[top]] = score[top]
         out_i[s + qq[top], rank[top]] = ids[top]
     return out_s, out_i
+
+
+# ---- diffusion as a re-ranking step over a gallery search (query.py / evaluate.py) ----------
+
+def knn_graph(gallery: np.ndarray, search, k: int = 20, gamma: float = 3.0,
+              batch: int = 65536) -> Graph:
+    """Mutual kNN affinity graph of the gallery (G, D) float32 from `search(x, k) -> (scores,
+    ids)` over those same G vectors (exact flat search, or the sharded index): each vector's
+    k nearest others, so the index is asked for k + 1 (the vector itself is dropped)."""
+    if k < 1:
+        raise DiffusionError(f"graph k must be >= 1, got {k}")
+    sims, ids = [], []
+    for s in range(0, len(gallery), batch):
+        sc, ix = search(np.ascontiguousarray(gallery[s:s + batch], np.float32), k + 1)
+        sims.append(np.asarray(sc))
+        ids.append(np.asarray(ix, np.int64))
+    return build_graph(np.concatenate(ids), np.concatenate(sims), gamma=gamma)
+
+
+def fill_with_original(scores: np.ndarray, ids: np.ndarray, orig_ids: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Complete diffusion top-k lists (-1 where fewer nodes were reached) with the query's own
+    search results not already listed, in their original order, scored 0 (not reached).
+    scores, ids: (Q, k); orig_ids: (Q, m) int64. Returns new (scores, ids)."""
+    scores, ids = scores.copy(), ids.copy()
+    for r in np.flatnonzero((ids < 0).any(axis=1)):
+        have = ids[r][ids[r] >= 0]
+        extra = orig_ids[r][(orig_ids[r] >= 0) & ~np.isin(orig_ids[r], have)]
+        n = min(len(extra), int((ids[r] < 0).sum()))
+        start = len(have)
+        ids[r, start:start + n] = extra[:n]
+        scores[r, start:start + n] = 0.0
+    return scores, ids
+
+
+def diffusion_rerank(query: np.ndarray, gallery: np.ndarray, search, topk: int = 100,
+                     k: int = 20, alpha: float = 0.99, gamma: float = 3.0, query_k: int = 10,
+                     truncate: int = 1000, full_max: int = 20_000, graph: Graph | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank query (Q, D) against gallery (G, D) (float32, L2-normalised) by diffusion on
+    the gallery's kNN graph, every neighbour list taken from `search` over the gallery.
+
+    Galleries up to `full_max` vectors: online diffusion on the whole graph (`diffuse`);
+    larger ones: truncated diffusion on each query's top-`truncate` list (`diffuse_truncated`),
+    whose cost does not grow with G. Lists are completed with not-reached entries (score 0) in
+    cosine order. Returns (scores (Q, topk) float32 descending, ids (Q, topk) int64 gallery
+    rows, -1 / -inf only where the gallery has fewer than topk entries)."""
+    g_n = len(gallery)
+    if graph is None:
+        graph = knn_graph(gallery, search, k, gamma)
+    truncated = g_n > full_max
+    m = min(g_n, max(truncate, topk) if truncated else max(query_k, topk))
+    sims, ids = search(np.ascontiguousarray(query, np.float32), m)
+    ids = np.asarray(ids, np.int64)
+    if truncated:
+        sc, ix = diffuse_truncated(graph, ids, sims, topk, alpha, gamma, query_k)
+    else:
+        sc, ix = diffuse(graph, ids, sims, topk, alpha, gamma, query_k)
+    return fill_with_original(sc, ix, ids)

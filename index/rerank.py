@@ -39,7 +39,7 @@ SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 """search_fn(x (n, D) float32, k) -> (scores (n, k) float32 inner products, higher is nearer;
 ids (n, k) int64 row numbers in the searched set, -1 where fewer than k were found)."""
 
-METHODS = ("none", "kreciprocal", "aqe", "alpha-qe", "dba")
+METHODS = ("none", "kreciprocal", "aqe", "alpha-qe", "dba", "diffusion")
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,8 +566,10 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
 # --------------------------------------------------------------------------------------------
 @dataclass
 class RerankConfig:
-    """Re-ranking settings. methods: any of "kreciprocal", "aqe", "alpha-qe", "dba" (or just
-    "none"); they run in the order DBA (gallery), then QE (queries), then k-reciprocal.
+    """Re-ranking settings. methods: any of "kreciprocal", "aqe", "alpha-qe", "dba", "diffusion"
+    (or just "none"); they run in the order DBA (gallery), then QE (queries), then k-reciprocal
+    or diffusion (one of the two: both re-rank the final lists).
+    diffusion_*: index.diffusion.diffusion_rerank (graph k, alpha, gamma, query_k, truncate).
     qe_n / dba_n: neighbours averaged; alpha: exponent of alpha-QE (and of DBA's weights when
     dba_alpha is set); topk: results per query; candidates / max_distance: see
     k_reciprocal_sparse."""
@@ -583,6 +585,11 @@ class RerankConfig:
     topk: int = 100
     candidates: int | None = None
     max_distance: str | float = "search"
+    diffusion_k: int = 20
+    diffusion_alpha: float = 0.99
+    diffusion_gamma: float = 3.0
+    diffusion_query_k: int = 10
+    diffusion_truncate: int = 1000
 
     @staticmethod
     def parse_methods(text: str) -> tuple[str, ...]:
@@ -593,6 +600,8 @@ class RerankConfig:
             raise ValueError(f"unknown re-ranking method {unknown[0]!r}: choose from {', '.join(METHODS)}")
         if "aqe" in names and "alpha-qe" in names:
             raise ValueError("choose one of aqe and alpha-qe")
+        if "kreciprocal" in names and "diffusion" in names:
+            raise ValueError("choose one of kreciprocal and diffusion (both re-rank the final lists)")
         if "none" in names and len(names) > 1:
             raise ValueError("'none' cannot be combined with other re-ranking methods")
         return names

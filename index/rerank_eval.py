@@ -88,6 +88,7 @@ class _Scorer:
         self.form = None
         self.final = None
         self.sparse = None
+        self.graph = None
         if not is_reranked(config):
             self.q, self.g, self.keep = query, gallery, None
             return
@@ -102,6 +103,14 @@ class _Scorer:
         full_g = np.array(gallery, np.float32, copy=True)
         full_g[rows] = g
         self.q, self.g, self.rows = q, full_g, rows
+        if uses(config, "diffusion") and len(g):
+            from index.diffusion import knn_graph
+            from index.rerank import flat_search_fn
+
+            self.g_search = flat_search_fn(g)
+            self.graph = knn_graph(g, self.g_search, config.diffusion_k, config.diffusion_gamma)
+            self.config = config
+            return
         if not uses(config, "kreciprocal") or len(g) == 0:
             return
         self.form = ("dense" if len(g) <= dense_max else "sparse") if form == "auto" else form
@@ -124,6 +133,8 @@ class _Scorer:
             out[:, self.rows] = -self.final[rows]
             return out
         s = self.q[rows] @ self.g.T
+        if self.graph is not None:
+            s = self._diffusion_scores(rows, s)
         if self.sparse is not None:
             d = np.maximum(np.float32(2.0) - np.float32(2.0) * s, np.float32(0.0)) / self.far[rows, None]
             s = -((np.float32(1.0) - self.lam) + self.lam * d)
@@ -133,6 +144,22 @@ class _Scorer:
         if self.keep is not None:
             s[:, ~self.keep] = -np.inf
         return s.astype(np.float32, copy=False)
+
+    def _diffusion_scores(self, rows: np.ndarray, cos: np.ndarray) -> np.ndarray:
+        """Diffusion on the whole gallery graph (index.diffusion, online form): nodes the query
+        reaches rank first by their diffusion score f > 0, the rest after them by cosine."""
+        from index.diffusion import conjugate_gradient, query_vector_block
+
+        c = self.config
+        sims, ids = self.g_search(self.q[rows], min(c.diffusion_query_k, len(self.rows)))
+        y = query_vector_block(ids, sims, self.graph.n, c.diffusion_gamma, c.diffusion_query_k)
+        f = conjugate_gradient(self.graph, y, c.diffusion_alpha, maxiter=20, dtype=np.float32).T
+        out = cos - np.float32(3.0)                      # in [-4, -2]: below every f > 0
+        sub = out[:, self.rows]
+        reached = f > 0
+        sub[reached] = f[reached]
+        out[:, self.rows] = sub
+        return out
 
 
 def _farthest(q: np.ndarray, g: np.ndarray, max_distance, chunk: int = 2048) -> np.ndarray:

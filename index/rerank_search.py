@@ -132,9 +132,17 @@ def rerank_with_search(query: np.ndarray, gallery: np.ndarray, config: RerankCon
                                   search_fn=union_search_fn(q, search))
         res.ids = np.where(res.ids >= 0, rows[np.maximum(res.ids, 0)], -1)
         return res
-    scores, ids = search(q, min(config.topk, len(g)))
-    ids = np.asarray(ids, np.int64)
-    dist = np.where(ids >= 0, 2.0 - 2.0 * np.asarray(scores, np.float32), np.inf).astype(np.float32)
+    if "diffusion" in methods:
+        from index.diffusion import diffusion_rerank
+
+        scores, ids = diffusion_rerank(q, g, search, config.topk, config.diffusion_k,
+                                       config.diffusion_alpha, config.diffusion_gamma,
+                                       config.diffusion_query_k, config.diffusion_truncate)
+        dist = np.where(ids >= 0, -scores, np.inf).astype(np.float32)  # distance = -diffusion score
+    else:
+        scores, ids = search(q, min(config.topk, len(g)))
+        ids = np.asarray(ids, np.int64)
+        dist = np.where(ids >= 0, 2.0 - 2.0 * np.asarray(scores, np.float32), np.inf).astype(np.float32)
     pad = config.topk - ids.shape[1]
     if pad > 0:
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
@@ -144,8 +152,9 @@ def rerank_with_search(query: np.ndarray, gallery: np.ndarray, config: RerankCon
 
 def result_scores(result: RerankResult, config: RerankConfig) -> np.ndarray:
     """(Q, k) float32 scores for the query-results contract (higher is more similar): the
-    negated final distance with k-reciprocal, else the cosine of the expanded vectors."""
-    if "kreciprocal" in config.methods:
+    negated final distance with k-reciprocal, the diffusion score (0 = not reached) with
+    diffusion, else the cosine of the expanded vectors."""
+    if "kreciprocal" in config.methods or "diffusion" in config.methods:
         return (-result.distances).astype(np.float32)
     return (1.0 - result.distances / 2.0).astype(np.float32)
 

@@ -1,8 +1,9 @@
 """Re-ranking options shared by query.py and evaluate.py (--rerank and its parameters)."""
 from __future__ import annotations
 
-METHODS_HELP = ("re-ranking: none, kreciprocal, aqe, alpha-qe, dba, or a comma-separated combination "
-                "(e.g. dba,alpha-qe,kreciprocal; applied as DBA, then QE, then k-reciprocal)")
+METHODS_HELP = ("re-ranking: none, kreciprocal, aqe, alpha-qe, dba, diffusion, or a comma-separated "
+                "combination (e.g. dba,alpha-qe,kreciprocal or dba,aqe,diffusion; applied as DBA, "
+                "then QE, then k-reciprocal or diffusion)")
 
 
 def add_rerank_arguments(p, repeatable: bool = False) -> None:
@@ -22,6 +23,16 @@ def add_rerank_arguments(p, repeatable: bool = False) -> None:
     g.add_argument("--dba-n", type=int, default=5, help="DBA: neighbours averaged per gallery vector (default 5)")
     g.add_argument("--dba-alpha", type=float, default=0.0,
                    help="DBA: similarity exponent of the neighbours' weights (default 0: plain mean)")
+    g.add_argument("--diffusion-k", type=int, default=20,
+                   help="diffusion: neighbours per gallery vector in the kNN graph (default 20)")
+    g.add_argument("--diffusion-alpha", type=float, default=0.99,
+                   help="diffusion: alpha in [0, 1), weight of the graph over the query (default 0.99)")
+    g.add_argument("--diffusion-gamma", type=float, default=3.0,
+                   help="diffusion: similarity exponent of the affinities (default 3)")
+    g.add_argument("--diffusion-query-k", type=int, default=10,
+                   help="diffusion: query neighbours the diffusion starts from (default 10)")
+    g.add_argument("--diffusion-truncate", type=int, default=1000,
+                   help="diffusion, galleries over 20,000: diffuse on each query's top-N only (default 1000)")
 
 
 def rerank_config(methods_text: str, args, topk: int | None = None):
@@ -37,10 +48,18 @@ def rerank_config(methods_text: str, args, topk: int | None = None):
         raise ValueError("--qe-n and --dba-n must be >= 0")
     if args.alpha < 0 or args.dba_alpha < 0:
         raise ValueError("--alpha and --dba-alpha must be >= 0")
+    if args.diffusion_k < 1 or args.diffusion_query_k < 1 or args.diffusion_truncate < 1:
+        raise ValueError("--diffusion-k, --diffusion-query-k and --diffusion-truncate must be >= 1")
+    if not 0.0 <= args.diffusion_alpha < 1.0:
+        raise ValueError(f"--diffusion-alpha must be in [0, 1), got {args.diffusion_alpha}")
+    if args.diffusion_gamma <= 0:
+        raise ValueError(f"--diffusion-gamma must be > 0, got {args.diffusion_gamma}")
     extra = {} if topk is None else {"topk": int(topk)}
     return RerankConfig(methods=methods, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value,
                         qe_n=args.qe_n, alpha=args.alpha, dba_n=args.dba_n, dba_alpha=args.dba_alpha,
-                        **extra)
+                        diffusion_k=args.diffusion_k, diffusion_alpha=args.diffusion_alpha,
+                        diffusion_gamma=args.diffusion_gamma, diffusion_query_k=args.diffusion_query_k,
+                        diffusion_truncate=args.diffusion_truncate, **extra)
 
 
 def method_name(config) -> str | None:
@@ -61,4 +80,8 @@ def rerank_params(config) -> dict:
         out["alpha"] = config.alpha
     if "dba" in m:
         out.update(dba_n=config.dba_n, dba_alpha=config.dba_alpha)
+    if "diffusion" in m:
+        out.update(diffusion_k=config.diffusion_k, diffusion_alpha=config.diffusion_alpha,
+                   diffusion_gamma=config.diffusion_gamma, diffusion_query_k=config.diffusion_query_k,
+                   diffusion_truncate=config.diffusion_truncate)
     return out

@@ -4,7 +4,7 @@ Example:
     python pipelines/evaluate.py --query out/emb --query-split query \\
         --gallery out/emb --gallery-split gallery --mode centroid --out out/report.json
 
-Re-ranking: --rerank none|kreciprocal|aqe|alpha-qe|dba (comma-combinable, repeatable: each value
+Re-ranking: --rerank none|kreciprocal|aqe|alpha-qe|dba|diffusion (comma-combinable, repeatable: each value
 is evaluated and gets its own report). Junk ("-1") takes no part. k-reciprocal uses the exact
 dense form for galleries up to --dense-max vectors and the scalable sparse form above (the report
 says which in "rerank_form"). In centroid mode each query camera's centroid gallery is re-ranked

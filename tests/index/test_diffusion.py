@@ -209,3 +209,94 @@ def test_bad_inputs_and_padding():
                           topk=3, query_k=None)
     assert np.all(top[0] == -1) and np.all(np.isneginf(scores[0]))
     assert set(top[1][:2]) == {0, 1} and top[1][2] == -1
+
+
+# ---- diffusion as a re-ranking method (index.rerank_search / index.rerank_eval) ---------------
+
+def _dense_diffusion_f(g, q, k, alpha, gamma, query_k):
+    """Reference f (G, Q) from a dense solve on the mutual kNN graph of g."""
+    ids, sims = knn(g, g, k + 1)
+    s_ref = dense_reference(ids, sims, gamma, True)
+    qids, qsims = knn(q, g, query_k)
+    y = query_vector_block(qids, qsims, len(g), gamma, k=query_k)
+    return np.linalg.solve(np.eye(len(g)) - alpha * s_ref, y)
+
+
+def test_fill_with_original_completes_lists_in_cosine_order():
+    from index.diffusion import fill_with_original
+
+    scores = np.array([[0.5, 0.2, -np.inf, -np.inf]], np.float32)
+    ids = np.array([[3, 1, -1, -1]])
+    s, i = fill_with_original(scores, ids, np.array([[1, 7, 3, 5, 6]]))
+    assert i.tolist() == [[3, 1, 7, 5]] and np.allclose(s, [[0.5, 0.2, 0.0, 0.0]])
+
+
+def test_rerank_with_search_diffusion_matches_dense_solve(small):
+    from index.rerank import RerankConfig, flat_search_fn
+    from index.rerank_search import rerank_with_search, result_scores
+
+    g, q = small
+    g, q = g.astype(np.float32), q.astype(np.float32)
+    cfg = RerankConfig(methods=("diffusion",), topk=12, diffusion_k=8, diffusion_alpha=0.9,
+                       diffusion_query_k=5)
+    res = rerank_with_search(q, g, cfg, flat_search_fn(g))
+    f_ref = _dense_diffusion_f(g.astype(np.float64), q.astype(np.float64), 8, 0.9, 3.0, 5)
+    scores = result_scores(res, cfg)
+    assert res.ids.shape == (5, 12) and (res.ids >= 0).all()
+    for r in range(5):
+        reached = scores[r] > 0
+        want = np.argsort(-f_ref[:, r], kind="stable")[:reached.sum()]
+        assert np.allclose(scores[r][reached], f_ref[want, r], rtol=2e-3)
+        assert np.all(np.diff(scores[r]) <= 1e-7)        # descending, not-reached (0) last
+    # junk rows never come back, ids stay in the caller's numbering
+    keep = np.ones(len(g), bool)
+    keep[[0, 1, 2]] = False
+    res = rerank_with_search(q, g, cfg, flat_search_fn(g), gallery_keep=keep)
+    assert not np.isin(res.ids, [0, 1, 2]).any() and (res.ids >= 0).all()
+
+
+def test_truncated_form_used_above_full_max(small):
+    from index.diffusion import diffusion_rerank, knn_graph
+    from index.rerank import flat_search_fn
+
+    g, q = small
+    g, q = g.astype(np.float32), q.astype(np.float32)
+    search = flat_search_fn(g)
+    graph = knn_graph(g, search, 8)
+    full = diffusion_rerank(q, g, search, topk=10, k=8, query_k=5, graph=graph)
+    # a truncation list as long as the gallery is the whole graph: same ranking
+    trunc = diffusion_rerank(q, g, search, topk=10, k=8, query_k=5, truncate=60, full_max=10,
+                             graph=graph)
+    assert (full[1][:, :5] == trunc[1][:, :5]).mean() > 0.9
+
+
+def test_evaluate_ranked_diffusion_ranks_by_dense_solve(small):
+    from index.rerank import RerankConfig
+    from index.rerank_eval import _Scorer
+
+    g, q = small
+    g, q = g.astype(np.float32), q.astype(np.float32)
+    # a sparse graph (k=3) leaves parts of the gallery unreachable from some queries
+    cfg = RerankConfig(methods=("diffusion",), diffusion_k=3, diffusion_alpha=0.9, diffusion_query_k=2)
+    s = _Scorer(q, g, cfg, keep=None).scores(np.arange(5))
+    f_ref = _dense_diffusion_f(g.astype(np.float64), q.astype(np.float64), 3, 0.9, 3.0, 2)
+    unreached = 0
+    for r in range(5):
+        reached = f_ref[:, r] > 1e-12
+        unreached += (~reached).sum()
+        if (~reached).any():                                       # reached nodes rank first,
+            assert s[r][reached].min() > s[r][~reached].max()      # the rest by cosine
+            rest = np.flatnonzero(~reached)
+            assert np.array_equal(np.argsort(-s[r][rest], kind="stable"),
+                                  np.argsort(-(q[r] @ g[rest].T), kind="stable"))
+        top = np.argsort(-f_ref[:, r], kind="stable")[:5]
+        assert np.argsort(-s[r], kind="stable")[:5].tolist() == top.tolist()
+    assert unreached > 0
+
+
+def test_kreciprocal_and_diffusion_are_exclusive():
+    from index.rerank import RerankConfig
+
+    assert RerankConfig.parse_methods("dba,aqe,diffusion") == ("dba", "aqe", "diffusion")
+    with pytest.raises(ValueError, match="one of kreciprocal and diffusion"):
+        RerankConfig.parse_methods("kreciprocal,diffusion")

@@ -181,3 +181,24 @@ def test_evaluate_results_reports_the_rerank_query_applied(setup, capsys, tmp_pa
     assert reports["none"]["rerank"] is None and reports["kreciprocal"]["rerank"] == "kreciprocal"
     assert reports["none"]["at_k"] == 30 and set(reports["none"]["cmc"]) == {"1", "5", "10", "20"}
     assert reports["kreciprocal"]["mAP"] > reports["none"]["mAP"]
+
+
+def test_diffusion_from_the_index_improves_map(setup, capsys):
+    tmp, q, qi, g, gi, g_ids, g_items = setup
+    base = ["--index", str(tmp / "idx" / "g"), "--queries", str(tmp / "queries.parquet"), "--k", "30",
+            "--split", "query"]
+    assert run_cli(base + ["--out", str(tmp / "d_none")], capsys)[0] == 0
+    code, _, err = run_cli(base + ["--out", str(tmp / "d_dfs"), "--rerank", "dba,aqe,diffusion",
+                                   "--diffusion-k", "5", "--diffusion-query-k", "3", "--qe-n", "2",
+                                   "--dba-n", "2"], capsys)
+    assert code == 0, err
+    none, dfs = ranked(tmp, "d_none", len(q)), ranked(tmp, "d_dfs", len(q))
+    assert "-1" not in set(dfs.item_ids.ravel())
+    assert (dfs.image_ids != "").all()  # full lists: not-reached entries fill the tail
+    assert np.all(np.diff(dfs.scores, axis=1) <= 1e-6)
+    assert mean_ap(dfs, qi, g_items) > mean_ap(none, qi, g_items) + 0.01
+    meta = results_metadata(str(tmp / "d_dfs"))
+    assert meta["rerank"] == "dba,aqe,diffusion" and meta["rerank_params"]["diffusion_k"] == 5
+    code, _, err = run_cli(base + ["--out", str(tmp / "d_bad"), "--rerank", "diffusion",
+                                   "--diffusion-alpha", "1.0"], capsys)
+    assert code != 0 and "--diffusion-alpha" in err and "Traceback" not in err
