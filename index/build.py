@@ -80,6 +80,8 @@ class BuildConfig:
     kmeans_iters: int = 12
     seed: int = 0
     use_gpu: bool | None = None  # None: when faiss.get_num_gpus() > 0
+    whitening: str | None = None  # a fitted PCA-whitening .npz (pipelines/whiten.py) applied
+    whiten_dim: int | None = None  # to every vector and stored with the version; None = its dim
 
 
 @dataclass
@@ -322,6 +324,29 @@ def train_template(factory: str, dim: int, sample: np.ndarray, cfg: BuildConfig,
     return index
 
 
+WHITENING_FILE = "whitening.npz"
+
+
+def _load_build_whitening(cfg: BuildConfig, meta):
+    """The PCA-whitening of cfg.whitening (truncated to cfg.whiten_dim), checked against the
+    source vectors' model and dimension; IndexBuildError names a mismatch."""
+    from index.whitening import WhiteningError, load_whitening
+
+    try:
+        w = load_whitening(cfg.whitening)
+        if cfg.whiten_dim is not None:
+            w = w.truncate(cfg.whiten_dim)
+    except (WhiteningError, FileNotFoundError) as e:
+        raise IndexBuildError(str(e)) from None
+    if w.input_dim != meta.dim:
+        raise IndexBuildError(f"whitening {cfg.whitening} takes {w.input_dim}-D vectors but the "
+                              f"source has dim {meta.dim}")
+    if w.model and w.model != meta.model:
+        raise IndexBuildError(f"whitening {cfg.whitening} was fitted on model {w.model!r}, the "
+                              f"source vectors come from {meta.model!r}")
+    return w
+
+
 def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConfig(),
                 publish: bool = True, version: str | None = None, progress=None) -> BuildResult:
     """Build a new version of ``root/name`` from the Parquet file/dir `vectors`.
@@ -342,7 +367,17 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
     n_total = ds.count_rows()
     if n_total == 0:
         raise IndexBuildError(f"{vectors}: no vectors to index")
-    dim = meta.dim
+    dim, model = meta.dim, meta.model
+    whitening = _load_build_whitening(cfg, meta) if cfg.whitening else None
+    if whitening is not None:
+        from index.whitening import whitened_model_id
+
+        dim, model = whitening.dim, whitened_model_id(meta.model, whitening.dim)
+
+    def batches(columns):
+        """(labels, vectors) batches of the source, whitened when asked."""
+        for labels, vecs in iter_vector_batches(vectors, cfg.batch_size, columns=columns):
+            yield labels, (whitening.apply(vecs) if whitening is not None else vecs)
     factory = choose_index_type(n_total, dim, cfg.shards, cfg)
     try:
         faiss.index_factory(dim, per_shard_factory(factory), faiss.METRIC_INNER_PRODUCT)
@@ -370,7 +405,7 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
     if n_train or n_eval:
         t = time.perf_counter()
         offset = 0
-        for _, vecs in iter_vector_batches(vectors, cfg.batch_size, columns=[]):
+        for _, vecs in batches([]):
             ids = np.arange(offset, offset + len(vecs), dtype=np.int64)
             train.add(vecs, ids)
             evalq.add(vecs, ids)
@@ -398,7 +433,7 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
         sizes = np.zeros(cfg.shards, dtype=np.int64)
         eval_shard = np.full(n_eval, -1, dtype=np.int64)
         try:
-            for labels, vecs in iter_vector_batches(vectors, cfg.batch_size, columns=label_cols):
+            for labels, vecs in batches(label_cols):
                 n = len(vecs)
                 ids = np.arange(offset, offset + n, dtype=np.int64)
                 offset += n
@@ -457,9 +492,15 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
         for s, idx in enumerate(indexes):
             faiss.write_index(idx, os.path.join(tmp, shard_files(s)[0]))
         timings["write_s"] = time.perf_counter() - t
+        extra = {}
+        if whitening is not None:  # stored with the version: queries go through the same file
+            whitening.save(os.path.join(tmp, WHITENING_FILE))
+            extra["whitening"] = {"file": WHITENING_FILE, "input_model": meta.model,
+                                  "input_dim": meta.dim, "dim": whitening.dim,
+                                  "power": whitening.power, "fitted_on": whitening.n_samples}
         manifest = {
             "version": ver,
-            "model": meta.model,
+            "model": model,
             "dim": dim,
             "metric": METRIC,
             "normalized": True,
@@ -478,6 +519,7 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
                        "target_met": bool(recall >= cfg.target_recall), "eval_queries": int(n_eval),
                        "method": "held-back sample of the vectors as queries (added after tuning) "
                                  "vs exact search"},
+            **extra,
             "build": {"seconds": round(time.perf_counter() - t0, 3), "gpu": gpu,
                       "faiss_version": faiss.__version__,
                       "config": asdict(cfg), "timings": {k: round(v, 3) for k, v in timings.items()}},

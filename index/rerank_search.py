@@ -184,9 +184,12 @@ def load_index_vectors(index, path: str | None = None, batch_size: int = 65536) 
         raise VectorFileError(f"re-ranking needs the index's vectors, cannot open {path}: "
                               f"{str(e).splitlines()[0]}") from None
     meta = check_schema(ds.schema, detect_kind(ds.schema), path)
-    if meta.dim != index.dim or str(meta.model) != index.model:
+    # a whitened index was built from raw vectors of its input model, whitened on the way in
+    whitening = getattr(index, "whitening", None)
+    want_model, want_dim = index.input_model, index.query_dim(index.input_model)
+    if meta.dim != want_dim or str(meta.model) != want_model:
         raise VectorFileError(f"{path}: vectors (model {meta.model!r}, dim {meta.dim}) do not match "
-                              f"index {index.path} (model {index.model!r}, dim {index.dim})")
+                              f"index {index.path} (model {want_model!r}, dim {want_dim})")
     n = len(index)
     if ds.count_rows() != n:
         raise VectorFileError(f"{path}: {ds.count_rows()} rows but index {index.path} version "
@@ -204,6 +207,6 @@ def load_index_vectors(index, path: str | None = None, batch_size: int = 65536) 
         if not same:
             raise VectorFileError(f"{path}: rows {offset}..{offset + len(vecs) - 1} do not match the "
                                   f"index's ids tables (the source changed since the build)")
-        out[offset:offset + len(vecs)] = vecs
+        out[offset:offset + len(vecs)] = whitening.apply(vecs) if whitening is not None else vecs
         offset += len(vecs)
     return out

@@ -246,8 +246,12 @@ class ShardActor:
 class ShardedIndex:
     """A loaded index version. Use `open_index` to get one; `search` answers query batches."""
 
-    def __init__(self, path: str, version: str, vdir: str, manifest: dict, backend, labels: pa.Table):
+    def __init__(self, path: str, version: str, vdir: str, manifest: dict, backend, labels: pa.Table,
+                 whitening=None):
         self.path = path
+        # PCA-whitening stored with the version (index.whitening.PCAWhitening) or None: queries
+        # of the input model are whitened before the search
+        self.whitening = whitening
         self.version = version
         self.dir = vdir
         self.manifest = manifest
@@ -276,18 +280,47 @@ class ShardedIndex:
     def __len__(self) -> int:
         return len(self._ids)
 
+    @property
+    def input_model(self) -> str:
+        """The model whose raw embeddings this index answers: with whitening, the model the
+        whitening was fitted on (its vectors are whitened here); else `model`."""
+        return str(self.manifest["whitening"]["input_model"]) if self.whitening is not None else self.model
+
+    def query_dim(self, model: str | None = None) -> int:
+        """Dimension expected of queries embedded by `model` (the raw dimension for the input
+        model of a whitened index, else the index dimension)."""
+        if self.whitening is not None and model is not None and str(model) == self.input_model:
+            return self.whitening.input_dim
+        return self.dim
+
     # --- checks ---
     def check_model(self, model: str) -> None:
         """Raise IndexMismatchError if queries embedded by `model` cannot be searched here."""
-        if str(model) != self.model:
+        if str(model) not in (self.model, self.input_model):
             raise IndexMismatchError(f"queries come from model {model!r} but index {self.path} "
-                                     f"(version {self.version}) was built from model {self.model!r}")
+                                     f"(version {self.version}) was built from model {self.input_model!r}")
+
+    def to_index_space(self, queries: np.ndarray, model: str | None) -> np.ndarray:
+        """Queries embedded by `model` -> vectors comparable with the index: whitened (and
+        re-normalised) when the index stores a whitening and `model` is its input model."""
+        if self.whitening is not None and model is not None and str(model) == self.input_model:
+            q = np.asarray(queries)
+            if q.ndim != 2 or q.shape[1] != self.whitening.input_dim:
+                raise IndexMismatchError(f"query dimension {q.shape[-1]} does not match the input "
+                                         f"dimension {self.whitening.input_dim} of the index's whitening")
+            if not np.isfinite(q).all():
+                bad = int((~np.isfinite(q)).any(axis=1).sum())
+                raise IndexMismatchError(f"{bad} query row(s) contain NaN or inf")
+            return self.whitening.apply(q)
+        return queries
 
     def check_queries(self, queries: np.ndarray, model: str | None = None) -> np.ndarray:
-        """Validate queries (Q, D) float32 against the index; returns a contiguous float32 copy
-        or view. Raises IndexMismatchError naming the problem."""
+        """Validate queries (Q, D) float32 against the index (whitening them first when `model`
+        is the input model of a whitened index); returns a contiguous float32 copy or view.
+        Raises IndexMismatchError naming the problem."""
         if model is not None:
             self.check_model(model)
+            queries = self.to_index_space(queries, model)
         q = np.asarray(queries)
         if q.ndim != 2:
             raise IndexMismatchError(f"queries must be a 2-D (Q, D) array, got shape {q.shape}")
@@ -378,6 +411,11 @@ def open_index(path: str, verify: bool = False, mmap: bool = True, executor: str
 
                 use_gpu = faiss.get_num_gpus() > 0
             labels = read_ids_tables(vdir, manifest["num_shards"])
+            whitening = None
+            if manifest.get("whitening"):
+                from index.whitening import load_whitening
+
+                whitening = load_whitening(os.path.join(vdir, manifest["whitening"]["file"]))
             if executor == "ray":
                 backend = _RayShards(vdir, manifest, mmap, verify)
             else:
@@ -390,7 +428,7 @@ def open_index(path: str, verify: bool = False, mmap: bool = True, executor: str
                 raise
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise IndexVersionError(f"{vdir}: cannot load index version: {msg}") from None
-        idx = ShardedIndex(str(path), ver, vdir, manifest, backend, labels)
+        idx = ShardedIndex(str(path), ver, vdir, manifest, backend, labels, whitening)
         if idx.ntotal != len(idx):
             idx.close()
             raise IndexVersionError(f"{vdir}: shards hold {idx.ntotal} vectors but ids tables {len(idx)}")

@@ -36,6 +36,12 @@ def parse_args(argv=None):
     p.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto",
                    help="GPU k-means training (auto: when faiss sees a GPU)")
     p.add_argument("--seed", type=int, default=0, help="sampling / k-means seed (default 0)")
+    p.add_argument("--whiten", default=None, metavar="FILE.npz",
+                   help="PCA-whitening fitted by pipelines/whiten.py: every vector is whitened and "
+                        "re-normalised, the file is stored with the version, and query.py whitens "
+                        "queries of the original model through it")
+    p.add_argument("--whiten-dim", type=int, default=None,
+                   help="with --whiten: keep only the leading DIM components (default: all)")
     return p.parse_args(argv)
 
 
@@ -43,9 +49,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from index.build import BuildConfig, build_index
 
+    if args.whiten_dim is not None and not args.whiten:
+        raise ValueError("--whiten-dim needs --whiten FILE.npz")
+
     cfg = BuildConfig(shards=args.shards, index_type=args.index_type, max_memory_gb=args.max_memory,
                       target_recall=args.target_recall, eval_queries=args.eval_queries,
                       batch_size=args.batch_size, seed=args.seed,
+                      whitening=args.whiten, whiten_dim=args.whiten_dim,
                       use_gpu={"auto": None, "yes": True, "no": False}[args.gpu])
     res = build_index(args.vectors, args.root, args.name, cfg, publish=not args.no_publish,
                       version=args.version, progress=lambda m: print(m, flush=True))

@@ -56,10 +56,10 @@ def search_batches(index, queries_path: str, k: int, batch_size: int, split: str
     if "image_id" not in ds.schema.names:
         raise VectorFileError(f"{queries_path}: queries must be an embeddings file (image_id is the query_id)")
     meta = read_metadata(ds.schema, queries_path)
-    if meta.dim != index.dim:
-        raise VectorFileError(f"{queries_path}: query dimension {meta.dim} does not match index "
-                              f"dimension {index.dim}")
     index.check_model(meta.model)
+    if meta.dim != index.query_dim(meta.model):
+        raise VectorFileError(f"{queries_path}: query dimension {meta.dim} does not match index "
+                              f"dimension {index.query_dim(meta.model)}")
     if split is not None and "split" not in ds.schema.names:
         raise VectorFileError(f"{queries_path}: --split given but the queries have no split column")
     cols = ["image_id"] + (["split"] if split is not None else [])
@@ -72,7 +72,7 @@ def search_batches(index, queries_path: str, k: int, batch_size: int, split: str
         qids = labels.column("image_id")
         if qids.null_count:
             raise VectorFileError(f"{queries_path}: image_id has null values")
-        yield qids.to_pylist(), vecs, index.search(vecs, k)
+        yield qids.to_pylist(), vecs, index.search(vecs, k, model=meta.model)
 
 
 def main(argv=None) -> int:
@@ -125,10 +125,10 @@ def answer_reranked(index, args, config, meta) -> int:
 
     t0 = time.perf_counter()
     queries = read_vectors(args.queries, kind="embeddings", split=args.split, expect_dim=None)
-    if queries.meta.dim != index.dim:
-        raise VectorFileError(f"{args.queries}: query dimension {queries.meta.dim} does not match index "
-                              f"dimension {index.dim}")
     index.check_model(queries.meta.model)
+    if queries.meta.dim != index.query_dim(queries.meta.model):
+        raise VectorFileError(f"{args.queries}: query dimension {queries.meta.dim} does not match index "
+                              f"dimension {index.query_dim(queries.meta.model)}")
     if len(queries) == 0:
         raise VectorFileError(f"{args.queries}: no queries" + (f" of split {args.split!r}" if args.split else ""))
     gallery = load_index_vectors(index, args.gallery_vectors)
@@ -141,7 +141,8 @@ def answer_reranked(index, args, config, meta) -> int:
         hits = index.search(x, k, labels=False)
         return hits.scores, hits.ids
 
-    result = rerank_with_search(queries.vectors, gallery, config, search, keep)
+    q = index.to_index_space(queries.vectors, queries.meta.model)  # whitened if the index is
+    result = rerank_with_search(q, gallery, config, search, keep)
     scores = result_scores(result, config)
     r_items, r_images = index.lookup(result.ids)
     meta["rerank_seconds"] = round(time.perf_counter() - t0, 3)

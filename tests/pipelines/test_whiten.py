@@ -148,3 +148,78 @@ def test_help_documents_every_option():
     for opt in ("--embeddings", "--apply", "--dim", "--out", "--split", "--power", "--shrinkage",
                 "--batch-size", "--rows-per-file"):
         assert opt in r.stdout
+
+
+def test_whitened_index_whitens_raw_queries(emb_file, tmp_path, capsys):
+    """build_index --whiten stores the whitening with the version; query.py then takes queries
+    of the original model and answers as a search of their whitened vectors."""
+    from index.search import open_index
+    from index.results import read_results
+    from pipelines import build_index as build_cli
+    from pipelines import query as query_cli
+    from pipelines._cli import run_main
+
+    path, x, ids, items = emb_file
+    npz = tmp_path / "pcaw16.npz"
+    assert run_whiten("--embeddings", path, "--dim", 16, "--out", npz).returncode == 0
+    gallery = tmp_path / "gallery.parquet"
+    queries = tmp_path / "queries.parquet"
+    write_table_atomic(make_embeddings_table(ids[:200], items[:200], [1] * 200, ["gallery"] * 200,
+                                             x[:200], "m1"), str(gallery))
+    write_table_atomic(make_embeddings_table(ids[200:], items[200:], [2] * 40, ["query"] * 40,
+                                             x[200:], "m1"), str(queries))
+    with pytest.raises(SystemExit) as e:
+        run_main(build_cli.main, ["--vectors", str(gallery), "--root", str(tmp_path / "idx"), "--name", "g",
+                                  "--shards", "2", "--index-type", "flat", "--whiten", str(npz),
+                                  "--whiten-dim", "8"])
+    assert e.value.code == 0, capsys.readouterr().err
+    idx = open_index(str(tmp_path / "idx" / "g"), verify=True)  # the .npz is hashed too
+    assert idx.dim == 8 and idx.model == "m1+pcaw8" and idx.input_model == "m1"
+    assert "whitening.npz" in idx.manifest["files"]
+    w = load_whitening(str(npz)).truncate(8)
+    want = w.apply(x[200:]) @ w.apply(x[:200]).T                 # exact search, whitened space
+    hits = idx.search(x[200:], 5, model="m1")
+    assert np.allclose(hits.scores, -np.sort(-want, axis=1)[:, :5], atol=1e-5)
+    idx.close()
+    for extra in ([], ["--rerank", "aqe", "--qe-n", "2"]):
+        out = tmp_path / ("res" + "".join(extra))
+        with pytest.raises(SystemExit) as e:
+            run_main(query_cli.main, ["--index", str(tmp_path / "idx" / "g"), "--queries", str(queries),
+                                      "--k", "5", "--out", str(out), *extra])
+        assert e.value.code == 0, capsys.readouterr().err
+        res = read_results(str(out))
+        top1 = res.filter(pa_equal(res.column("rank"), 0))
+        if not extra:
+            assert np.allclose(top1.column("score").to_numpy(), want.max(axis=1), atol=1e-5)
+    # a query file of another model is refused in one line
+    other = tmp_path / "other.parquet"
+    write_table_atomic(make_embeddings_table(ids[200:], items[200:], [2] * 40, ["query"] * 40,
+                                             x[200:], "m2"), str(other))
+    with pytest.raises(SystemExit) as e:
+        run_main(query_cli.main, ["--index", str(tmp_path / "idx" / "g"), "--queries", str(other),
+                                  "--k", "5", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and "m2" in err and "Traceback" not in err
+
+
+def pa_equal(col, value):
+    import pyarrow.compute as pc
+
+    return pc.equal(col, value)
+
+
+def test_build_refuses_a_whitening_of_another_dimension(emb_file, tmp_path, capsys):
+    from pipelines import build_index as build_cli
+    from pipelines._cli import run_main
+
+    path, x, ids, items = emb_file
+    npz = tmp_path / "pcaw8.npz"
+    assert run_whiten("--embeddings", path, "--dim", 8, "--out", npz).returncode == 0
+    other = tmp_path / "g12.parquet"
+    write_table_atomic(make_embeddings_table(ids, items, [1] * 240, ["gallery"] * 240,
+                                             l2_normalize(x[:, :12]), "m1"), str(other))
+    with pytest.raises(SystemExit) as e:
+        run_main(build_cli.main, ["--vectors", str(other), "--root", str(tmp_path / "idx"), "--name", "g",
+                                  "--whiten", str(npz)])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and "24-D" in err and not (tmp_path / "idx" / "g" / "CURRENT").exists()
