@@ -397,6 +397,18 @@ def _self_first(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+AUTO_SEARCH_MAX = 20_000
+
+
+def resolve_max_distance(max_distance: str | float, n: int) -> str | float:
+    """"auto" -> "search" for up to AUTO_SEARCH_MAX points, "sample" above: a farthest-point
+    search of -x costs a pass over the whole index per point (brute force in a Flat index, a
+    long walk in HNSW), which does not scale; the sample's estimate differs only slightly."""
+    if max_distance == "auto":
+        return "search" if n <= AUTO_SEARCH_MAX else "sample"
+    return max_distance
+
+
 def farthest_in_sample(x: np.ndarray, sample_size: int = 8192, seed: int = 0,
                        chunk: int = 16384) -> np.ndarray:
     """(n,) float32 largest squared distance 2 - 2 cos from each row of x (n, D) float32 to a
@@ -445,7 +457,7 @@ def _check_params(k1, k2, lambda_value):
 def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2: int = 6,
                         lambda_value: float = 0.3, *, topk: int = 100, candidates: int | None = None,
                         search_fn: SearchFn | None = None, gallery_keep: np.ndarray | None = None,
-                        max_distance: str | float = "search", chunk: int = 4096,
+                        max_distance: str | float = "auto", chunk: int = 4096,
                         stats: dict | None = None) -> RerankResult:
     """Scalable k-reciprocal re-ranking from neighbour lists; returns top-k lists per query.
 
@@ -454,7 +466,8 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     order); None builds an exact faiss.IndexFlatIP over U (see flat_search_fn, union_search_fn).
     candidates: neighbours per query scored besides its Jaccard overlap set (default
     max(k1 + 1, 2 * topk)). gallery_keep: (G,) bool, False for junk (takes no part).
-    max_distance: "search" finds each point's largest distance (the reference's row
+    max_distance: "auto" (default) is "search" up to AUTO_SEARCH_MAX points of U and "sample"
+    above; "search" finds each point's largest distance (the reference's row
     normaliser) with one k=1 search of -x; "sample" takes the largest distance to a random
     sample of 8,192 points of U (a slight underestimate, one BLAS product instead of a second
     pass over the index); a float uses that constant for every point (4.0 bounds the squared
@@ -497,6 +510,8 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
         nn[n_q + rows] = _self_first(np.asarray(ids, np.int64), n_q + rows)
     lap("search")
 
+    max_distance = resolve_max_distance(max_distance, n)
+    stats["max_distance"] = max_distance
     if max_distance == "search":
         far = np.empty(n, np.float32)
         for rows in _row_chunks(n, 65536):
@@ -584,7 +599,7 @@ class RerankConfig:
     dba_alpha: float = 0.0
     topk: int = 100
     candidates: int | None = None
-    max_distance: str | float = "search"
+    max_distance: str | float = "auto"
     diffusion_k: int = 20
     diffusion_alpha: float = 0.99
     diffusion_gamma: float = 3.0

@@ -164,8 +164,9 @@ class _Scorer:
 
 def _farthest(q: np.ndarray, g: np.ndarray, max_distance, chunk: int = 2048) -> np.ndarray:
     """Each query's row normaliser as k_reciprocal_sparse computes it: (Q,) float32."""
-    from index.rerank import farthest_in_sample
+    from index.rerank import farthest_in_sample, resolve_max_distance
 
+    max_distance = resolve_max_distance(max_distance, len(q) + len(g))
     if max_distance == "sample":
         return np.maximum(farthest_in_sample(np.concatenate([q, g]), sample_size=8192)[:len(q)], 1e-12)
     if max_distance != "search":

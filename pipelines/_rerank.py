@@ -18,6 +18,10 @@ def add_rerank_arguments(p, repeatable: bool = False) -> None:
     g.add_argument("--k2", type=int, default=6, help="k-reciprocal: k2, local query expansion (default 6)")
     g.add_argument("--lambda-value", type=float, default=0.3,
                    help="k-reciprocal: weight of the original distance (default 0.3)")
+    g.add_argument("--max-distance", default="auto", metavar="auto|search|sample|FLOAT",
+                   help="k-reciprocal, scalable form: each point's largest distance (the row "
+                        "normaliser): search = a farthest-point search per point, sample = over "
+                        "8,192 sampled points, auto = search up to 20,000 points, else sample")
     g.add_argument("--qe-n", type=int, default=5, help="AQE / alpha-QE: gallery neighbours averaged (default 5)")
     g.add_argument("--alpha", type=float, default=3.0, help="alpha-QE: similarity exponent (default 3)")
     g.add_argument("--dba-n", type=int, default=5, help="DBA: neighbours averaged per gallery vector (default 5)")
@@ -54,12 +58,20 @@ def rerank_config(methods_text: str, args, topk: int | None = None):
         raise ValueError(f"--diffusion-alpha must be in [0, 1), got {args.diffusion_alpha}")
     if args.diffusion_gamma <= 0:
         raise ValueError(f"--diffusion-gamma must be > 0, got {args.diffusion_gamma}")
+    max_distance = args.max_distance
+    if max_distance not in ("auto", "search", "sample"):
+        try:
+            max_distance = float(max_distance)
+        except ValueError:
+            raise ValueError(f"--max-distance must be auto, search, sample or a number, got {args.max_distance!r}") from None
+        if not max_distance > 0:
+            raise ValueError(f"--max-distance must be > 0, got {args.max_distance}")
     extra = {} if topk is None else {"topk": int(topk)}
     return RerankConfig(methods=methods, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value,
                         qe_n=args.qe_n, alpha=args.alpha, dba_n=args.dba_n, dba_alpha=args.dba_alpha,
                         diffusion_k=args.diffusion_k, diffusion_alpha=args.diffusion_alpha,
                         diffusion_gamma=args.diffusion_gamma, diffusion_query_k=args.diffusion_query_k,
-                        diffusion_truncate=args.diffusion_truncate, **extra)
+                        diffusion_truncate=args.diffusion_truncate, max_distance=max_distance, **extra)
 
 
 def method_name(config) -> str | None:

@@ -288,3 +288,17 @@ def test_certified_only_where_the_list_is_exact(agreement_data):
         return s, i
 
     assert not k_reciprocal_sparse(q, g, 10, 4, topk=40, search_fn=short).certified.any()
+
+
+def test_auto_max_distance_searches_small_sets_and_samples_large_ones():
+    from index.rerank import AUTO_SEARCH_MAX, resolve_max_distance
+
+    assert resolve_max_distance("auto", AUTO_SEARCH_MAX) == "search"
+    assert resolve_max_distance("auto", AUTO_SEARCH_MAX + 1) == "sample"
+    assert resolve_max_distance(4.0, 10**7) == 4.0 and resolve_max_distance("search", 10**7) == "search"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    stats = {}
+    k_reciprocal_sparse(x[:5], x[5:], 4, 2, 0.3, topk=10, stats=stats)
+    assert stats["max_distance"] == "search"   # small: the reference's exact normaliser
