@@ -48,7 +48,20 @@ def process_tree_rss(root: int) -> int:
     return total
 
 
+def save(log: dict, out: pathlib.Path) -> None:
+    """Write the results so far (temp name, then rename): an interrupted run keeps its figures."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(log, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
 def run_stage(name: str, args: list, log: dict, images: int | None = None) -> dict:
+    done = {s["stage"]: s for s in log.get("resumed_from", [])}
+    if name in done:  # --resume: this stage finished in an earlier, interrupted run
+        log["stages"].append(done[name])
+        print(f"\n== {name}: kept from the earlier run ({done[name]['wall_s']} s)", flush=True)
+        return done[name]
     cmd = [sys.executable, *map(str, args)]
     print(f"\n== {name}\n$ {' '.join(map(str, args))}", flush=True)
     t0 = time.perf_counter()
@@ -76,6 +89,8 @@ def run_stage(name: str, args: list, log: dict, images: int | None = None) -> di
         fig["images"] = images
         fig["images_per_s"] = round(images / wall, 1)
     log["stages"].append(fig)
+    if "_out" in log:
+        save({k: v for k, v in log.items() if k not in ("resumed_from", "_out")}, log["_out"])
     print(f"   -> {fig['wall_s']} s, peak {fig['peak_rss_gb']} GB"
           + (f", {fig['images_per_s']} images/s" if images else ""), flush=True)
     return fig
@@ -101,6 +116,9 @@ def main():
     p.add_argument("--index-shards", type=int, default=4)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--rerank", default="kreciprocal")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the stages an interrupted run with the same --work/--out finished "
+                        "(their outputs are reused) and run the rest")
     args = p.parse_args()
     work = pathlib.Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -108,6 +126,14 @@ def main():
     log = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                       f"{os.sysconf('SC_PHYS_PAGES') * PAGE / 2**30:.0f} GiB, no GPU",
            "items": args.items, "images_per_item": args.images_per_item, "stages": []}
+    out = pathlib.Path(args.out)
+    if args.resume and out.exists():
+        earlier = json.loads(out.read_text())
+        if earlier.get("complete") is False and earlier.get("items") == args.items:
+            log["resumed_from"] = earlier["stages"]
+            log["resumed_stages"] = [st["stage"] for st in earlier["stages"]]
+    log["complete"] = False
+    log["_out"] = out
     n_images = args.items * args.images_per_item
     data, shards, model = work / "data", work / "shards", work / "model"
     emb, qemb, cents, idx, results = (work / "emb", work / "qemb", work / "centroids", work / "indexes",
@@ -118,7 +144,8 @@ def main():
               "--out", data], log, images=n_images)
     run_stage("make_shards", [pipe / "make_shards.py", "--format", "market1501", "--root", data,
               "--out", shards, "--shard-size", 2000], log, images=n_images)
-    make_model(model, (64, 32))
+    if not (model / "model.pt").exists():
+        make_model(model, (64, 32))
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -138,9 +165,10 @@ def main():
     run_stage("evaluate (mAP@k)", [pipe / "evaluate.py", "--results", results, "--query", qemb,
               "--gallery-labels", emb, "--out", work / "report.json"], log)
     log["report"] = json.loads((work / "report.json").read_text())
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(log, indent=2) + "\n")
+    log["complete"] = True
+    log.pop("resumed_from", None)
+    log.pop("_out", None)
+    save(log, out)
     print("\n| stage | wall s | images/s | peak RSS GB |\n|---|---|---|---|")
     for s in log["stages"]:
         print(f"| {s['stage']} | {s['wall_s']} | {s.get('images_per_s', '')} | {s['peak_rss_gb']} |")
