@@ -132,6 +132,8 @@ def main():
         if earlier.get("complete") is False and earlier.get("items") == args.items:
             log["resumed_from"] = earlier["stages"]
             log["resumed_stages"] = [st["stage"] for st in earlier["stages"]]
+            if earlier.get("note"):
+                log["note"] = earlier["note"]
     log["complete"] = False
     log["_out"] = out
     n_images = args.items * args.images_per_item
