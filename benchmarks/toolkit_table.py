@@ -78,7 +78,11 @@ def main() -> None:
     p.add_argument("--white-dim", type=int, default=256)
     p.add_argument("--pooling", nargs="+", default=["avg", "gem", "rmac"])
     p.add_argument("--loss", nargs="+", default=["ctl", "ctl+ap"], choices=["ctl", "ctl+ap"])
+    p.add_argument("--print-only", action="store_true", help="print the table of an existing --out and stop")
     a = p.parse_args()
+    if a.print_only:
+        print_table(json.loads(pathlib.Path(a.out).read_text())["rows"])
+        return
     a.work = a.work.resolve()
     a.work.mkdir(parents=True, exist_ok=True)
     rows, runs = [], []
