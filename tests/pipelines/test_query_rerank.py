@@ -184,7 +184,7 @@ def test_evaluate_results_reports_the_rerank_query_applied(setup, capsys, tmp_pa
 
 
 def test_diffusion_from_the_index_improves_map(setup, capsys):
-    tmp, q, qi, g, gi, g_ids, g_items = setup
+    tmp, q, qi, _g, _gi, _g_ids, g_items = setup
     base = ["--index", str(tmp / "idx" / "g"), "--queries", str(tmp / "queries.parquet"), "--k", "30",
             "--split", "query"]
     assert run_cli(base + ["--out", str(tmp / "d_none")], capsys)[0] == 0

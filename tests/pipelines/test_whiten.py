@@ -153,8 +153,8 @@ def test_help_documents_every_option():
 def test_whitened_index_whitens_raw_queries(emb_file, tmp_path, capsys):
     """build_index --whiten stores the whitening with the version; query.py then takes queries
     of the original model and answers as a search of their whitened vectors."""
-    from index.search import open_index
     from index.results import read_results
+    from index.search import open_index
     from pipelines import build_index as build_cli
     from pipelines import query as query_cli
     from pipelines._cli import run_main
