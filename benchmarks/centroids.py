@@ -35,7 +35,7 @@ GIB = 1 << 30
 def generate(out: pathlib.Path, rows: int, dim: int, items: int, cameras: int, files: int,
              order: str, seed: int = 0) -> None:
     """Write the embeddings contract in `files` parts, chunk by chunk (bounded memory)."""
-    from index.vectors import make_embeddings_table, write_table_atomic
+    from contracts.vectors import make_embeddings_table, write_table_atomic
 
     rng = np.random.default_rng(seed)
     # every item present at least once; grouped = sorted by item, random = shuffled
@@ -183,7 +183,7 @@ def main() -> None:
         pipe = run_pipeline(str(emb), str(out), args.num_cpus, args.batch_size, args.sums_dtype)
         print("\n".join(pipe["log"]), flush=True)
 
-        from index.vectors import read_vectors
+        from contracts.vectors import read_vectors
 
         got = read_vectors(str(out / "centroids.parquet"), kind="centroids")
         order = np.argsort(got.item_ids.astype(str))

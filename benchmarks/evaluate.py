@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from index.vectors import l2_normalize, make_embeddings_table
+from contracts.vectors import l2_normalize, make_embeddings_table
 
 
 def clustered(rng, n, centers, items, cams, noise=2.5):

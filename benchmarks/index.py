@@ -50,7 +50,7 @@ def parse_args(argv=None):
 def make_data(n: int, dim: int, clusters: int, rank: int, seed: int, basis_seed: int = 1234,
               chunk: int = 100_000, spread: float = 0.6, noise: float = 0.1):
     """Yield (n_chunk, dim) float32 unit vectors: centre + low-rank offset + small noise."""
-    from index.vectors import l2_normalize
+    from contracts.vectors import l2_normalize
 
     g = np.random.default_rng(basis_seed)  # the shared structure (same for gallery and queries)
     centres = g.normal(size=(clusters, dim)).astype(np.float32)
@@ -67,7 +67,7 @@ def make_data(n: int, dim: int, clusters: int, rank: int, seed: int, basis_seed:
 
 def write_gallery(path: str, args, clusters: int) -> np.ndarray:
     """Stream the gallery into one Parquet file (many row groups); return it as (N, D) for brute force."""
-    from index.vectors import embeddings_schema, embeddings_to_arrow
+    from contracts.vectors import embeddings_schema, embeddings_to_arrow
 
     out = np.empty((args.n, args.dim), np.float32)
     schema = embeddings_schema(args.dim, "bench")
@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import faiss
 
-    from index.build import BuildConfig, build_index
-    from index.search import exact_search, open_index
+    from index.ann.build import BuildConfig, build_index
+    from index.ann.search import exact_search, open_index
 
     clusters = args.clusters or max(50, args.n // 1000)
     work = args.workdir or tempfile.mkdtemp(prefix="bench-index-")
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         print(f"brute force: {bf_s:.1f}s, {args.queries / bf_s:.1f} q/s", flush=True)
         del gallery  # indexes are searched from their files from here on
 
-        from index.build import nlist_for
+        from index.ann.build import nlist_for
 
         sep = ";" if ";" in args.types else ","
         for kind in [s.strip() for s in args.types.split(sep) if s.strip()]:

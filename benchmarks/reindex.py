@@ -4,7 +4,7 @@
 
 Synthetic embeddings outputs (the embed layout: embeddings contract + content_hash) for two
 nights that differ in `changed` of their rows (half added, half removed); prints seconds for
-index.reindex.diff_embeddings + update_centroids and for compute_centroids, and checks that
+index.nightly.runner.diff_embeddings + update_centroids and for compute_centroids, and checks that
 both give the same centroids.
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
@@ -20,7 +20,7 @@ import pyarrow as pa
 def write_night(path: str, ids: np.ndarray, items: np.ndarray, cams: np.ndarray, vecs: np.ndarray) -> None:
     import os
 
-    from index.vectors import make_embeddings_table, write_table_atomic
+    from contracts.vectors import make_embeddings_table, write_table_atomic
 
     os.makedirs(path, exist_ok=True)
     t = make_embeddings_table(ids.astype(str), items.astype(str), cams, ["gallery"] * len(ids), vecs, "bench")
@@ -35,8 +35,8 @@ def main() -> None:
     p.add_argument("--items", type=int, default=20_000)
     p.add_argument("--changed", type=float, default=0.01, help="fraction of rows added + removed")
     args = p.parse_args()
-    from index import reindex as R
-    from index.vectors import l2_normalize, read_vectors
+    from contracts.vectors import l2_normalize, read_vectors
+    from index.nightly import runner as R
 
     rng = np.random.default_rng(0)
     n, k = args.rows, int(args.rows * args.changed / 2)

@@ -78,7 +78,7 @@ def make_search(vectors: np.ndarray, kind: str, nlist: int, nprobe: int):
     """Search function over `vectors` and the seconds it took to build."""
     import faiss
 
-    from index.rerank import flat_search_fn
+    from index.rerank.kreciprocal import flat_search_fn
 
     t = time.perf_counter()
     if kind == "flat":
@@ -111,8 +111,8 @@ def neighbour_recall(x: np.ndarray, search, k: int, sample: int = 300, seed: int
 
 
 def metrics_at_k(ids: np.ndarray, query_items, gallery_items, k: int) -> dict:
-    """mAP@k and Rank-1 from top-k lists (fashion rule: no cameras), via index.metrics."""
-    from index import metrics as M
+    """mAP@k and Rank-1 from top-k lists (fashion rule: no cameras), via index.evaluation.metrics."""
+    from index.evaluation import metrics as M
 
     codes = M.encode_labels(query_items.astype(str), gallery_items.astype(str))
     n_rel = M.relevant_counts(codes)
@@ -126,7 +126,7 @@ def metrics_at_k(ids: np.ndarray, query_items, gallery_items, k: int) -> dict:
 
 def dense_metrics(scores: np.ndarray, query_items, gallery_items) -> dict:
     """Exact mAP / Rank-1 over whole rankings. scores: (Q, G), higher is better."""
-    from index import metrics as M
+    from index.evaluation import metrics as M
 
     codes = M.encode_labels(query_items.astype(str), gallery_items.astype(str))
     s = M.summarize(M.metrics_from_scores(scores, codes, np.arange(len(scores))))
@@ -134,7 +134,7 @@ def dense_metrics(scores: np.ndarray, query_items, gallery_items) -> dict:
 
 
 def part_scale(a) -> dict:
-    from index.rerank import k_reciprocal_sparse
+    from index.rerank.kreciprocal import k_reciprocal_sparse
 
     t0 = time.perf_counter()
     q, g, qi, gi = clustered_vectors(a.queries, a.gallery, a.dim, a.per_item, a.seed)
@@ -175,7 +175,7 @@ def part_scale(a) -> dict:
 
 
 def part_agree(a) -> dict:
-    from index.rerank import k_reciprocal_from_embeddings, k_reciprocal_sparse
+    from index.rerank.kreciprocal import k_reciprocal_from_embeddings, k_reciprocal_sparse
 
     q, g, qi, gi = clustered_vectors(a.agree_queries, a.agree_gallery, a.dim, a.per_item, a.seed)
     out = {"part": "agree", "queries": len(q), "gallery": len(g), "dim": a.dim, "topk": a.topk}

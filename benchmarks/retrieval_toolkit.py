@@ -74,7 +74,7 @@ def clustered(rng, n, d, n_items=None):
 
 
 def bench_whitening(args, results, x):
-    from index.whitening import fit_whitening
+    from index.ann.whitening import fit_whitening
 
     def fit():
         batches = (x[i:i + 8192] for i in range(0, len(x), 8192))
@@ -90,7 +90,7 @@ def bench_whitening(args, results, x):
 def bench_diffusion(args, results, x):
     import faiss
 
-    from index.diffusion import (
+    from index.rerank.diffusion import (
         build_graph,
         diffuse,
         diffuse_precomputed,

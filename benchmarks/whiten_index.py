@@ -5,7 +5,7 @@
 
 Fits one square-root PCA-whitening on the gallery embeddings (pipelines/whiten.py's code,
 streamed), then for each --dims builds an exact (Flat) single-shard index of the whitened
-gallery through index.build.build_index (the whitening stored with the version) and times
+gallery through index.ann.build.build_index (the whitening stored with the version) and times
 `ShardedIndex.search` of the raw queries (whitened by the index) at k=100, best of 3.
 Prints one line per dimension: index bytes, queries/s, and the overlap of its top-10 with
 that of the raw vectors (how much of the neighbourhood the reduction keeps).
@@ -33,10 +33,10 @@ def main() -> None:
 
     import faiss
 
-    from index.build import BuildConfig, build_index
-    from index.search import open_index
-    from index.vectors import read_vectors
-    from index.whitening import fit_whitening_file
+    from contracts.vectors import read_vectors
+    from index.ann.build import BuildConfig, build_index
+    from index.ann.search import open_index
+    from index.ann.whitening import fit_whitening_file
 
     q = read_vectors(a.queries)
     queries, model = q.vectors[:a.n_queries], q.meta.model

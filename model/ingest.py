@@ -45,7 +45,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from model.manifest import (
+from contracts.manifest import (
     DISTRACTOR_ITEM,
     JUNK_ITEM,
     SPLITS,

@@ -9,26 +9,11 @@ origin of the embedding space.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.backbones import build_backbone
 from model.config import ModelConfig
 from model.pooling import build_pooling
-
-
-class GeM(nn.Module):
-    """Generalised-mean pooling with a learnable exponent p: (B, C, h, w) -> (B, C)."""
-
-    def __init__(self, p: float = 3.0, eps: float = 1e-6):
-        super().__init__()
-        self.p = nn.Parameter(torch.tensor(float(p)))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.p.clamp(min=1.0)  # p < 1 is not a mean any more; keeps pow well-defined
-        pooled = F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1)
-        return pooled.pow(1.0 / p).flatten(1)
 
 
 class ReIDNet(nn.Module):

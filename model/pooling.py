@@ -1,8 +1,7 @@
 """Global pooling heads for retrieval: feature map (B, C, H, W) -> descriptor (B, C).
 
-- GeM (Radenovic et al., "Fine-tuning CNN Image Retrieval with No Human Annotation", TPAMI
-  2018; learnable p) is `model.net.GeM`, reused here through `build_pooling("gem")` and
-  imported only when asked for, so that model/net.py can import this module without a cycle.
+- `GeM` (Radenovic et al., "Fine-tuning CNN Image Retrieval with No Human Annotation", TPAMI
+  2018): generalised-mean pooling with a learnable exponent p.
 - `RMAC` (Tolias, Sicre, Jegou, "Particular object retrieval with integral max-pooling of CNN
   activations", ICLR 2016): square regions at L scales laid out on the feature map with ~40%
   overlap, each region max-pooled and L2-normalised, the region vectors summed, the sum
@@ -68,6 +67,20 @@ def _region_starts(size: int, side: int, half: int, count: int) -> list[int]:
     """`count` evenly spread start offsets of side-`side` windows along a `size`-long axis."""
     step = 0.0 if count == 1 else (size - side) / (count - 1)
     return [math.floor(half + i * step) - half for i in range(count)]
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling with a learnable exponent p: (B, C, h, w) -> (B, C)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(min=1.0)  # p < 1 is not a mean any more; keeps pow well-defined
+        pooled = F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1)
+        return pooled.pow(1.0 / p).flatten(1)
 
 
 class RMAC(nn.Module):
@@ -139,8 +152,6 @@ def build_pooling(name: str, gem_p: float = 3.0, rmac_levels: int = 3,
     if name == "max":
         return MaxPool()
     if name == "gem":
-        from model.net import GeM  # lazy: net.py imports this module
-
         return GeM(gem_p)
     if name == "rmac":
         return RMAC(levels=rmac_levels, normalize=rmac_normalize)

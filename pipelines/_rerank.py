@@ -7,7 +7,7 @@ METHODS_HELP = ("re-ranking: none, kreciprocal, aqe, alpha-qe, dba, diffusion, o
 
 
 def add_rerank_arguments(p, repeatable: bool = False) -> None:
-    """--rerank plus its parameters (defaults of index.rerank.RerankConfig)."""
+    """--rerank plus its parameters (defaults of index.rerank.kreciprocal.RerankConfig)."""
     if repeatable:
         p.add_argument("--rerank", action="append", default=None, metavar="METHODS",
                        help=METHODS_HELP + "; repeat to evaluate several (one report each)")
@@ -41,7 +41,7 @@ def add_rerank_arguments(p, repeatable: bool = False) -> None:
 
 def rerank_config(methods_text: str, args, topk: int | None = None):
     """RerankConfig from a --rerank value and the parameters; ValueError names a bad value."""
-    from index.rerank import RerankConfig
+    from index.rerank.kreciprocal import RerankConfig
 
     methods = RerankConfig.parse_methods(methods_text or "none")
     if args.k1 < 1 or args.k2 < 1:

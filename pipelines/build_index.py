@@ -47,7 +47,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from index.build import BuildConfig, build_index
+    from index.ann.build import BuildConfig, build_index
 
     if args.whiten_dim is not None and not args.whiten:
         raise ValueError("--whiten-dim needs --whiten FILE.npz")

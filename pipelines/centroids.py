@@ -3,9 +3,9 @@
     python pipelines/centroids.py --embeddings OUT/embeddings --out OUT/centroids
 
 1. each input batch is reduced to partial sums per (item, camera) on the worker that read it
-   (index.centroids.partial_table), tagged with a hash bucket of the item id;
+   (index.centroids.aggregate.partial_table), tagged with a hash bucket of the item id;
 2. the partial rows are shuffled by bucket (Ray Data groupby) and each bucket's rows are
-   combined into one row per item (index.centroids.combine_table): no node ever holds all
+   combined into one row per item (index.centroids.aggregate.combine_table): no node ever holds all
    embeddings, only its buckets' partial sums;
 3. the driver streams the item rows into OUT/centroids.parquet (DESIGN centroids contract) and
    OUT/item_camera_sums.parquet (item_id, camera_id, sum fixed_size_list<float32>[D] (float64 with --sums-dtype float64), count),
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _user_error(e: BaseException) -> BaseException:
     """The VectorFileError behind a Ray task failure (Ray wraps it), else `e` itself."""
-    from index.vectors import VectorFileError
+    from contracts.vectors import VectorFileError
 
     seen = set()
     cur: BaseException | None = e
@@ -66,9 +66,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import pyarrow.parquet as pq
 
-    from index import centroids as C
-    from index.storage import atomic_dir, resolve
-    from index.vectors import VectorFileError, check_files_agree, check_schema, open_dataset
+    from contracts.storage import atomic_dir, resolve
+    from contracts.vectors import VectorFileError, check_files_agree, check_schema, open_dataset
+    from index.centroids import aggregate as C
 
     ds_meta = open_dataset(args.embeddings)
     meta = check_schema(ds_meta.schema, "embeddings", args.embeddings)

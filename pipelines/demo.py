@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         print(f"   {title:<32} {seconds:7.1f} s")
     print(f"   {'total':<32} {time.perf_counter() - t0:7.1f} s")
     reports = json.loads((report / "report.json").read_text())
-    from index.evaluation import format_report
+    from index.evaluation.protocol import format_report
 
     print("\n== results (synthetic test identities)\n" + format_report(reports))
     print(f"\nreport: {report / 'index.html'}")

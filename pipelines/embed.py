@@ -64,7 +64,7 @@ def _previous_keys(prev: str, model_id: str):
     """Sorted (P,) int64 row keys of an earlier output made by the same model (else empty)."""
     import numpy as np
 
-    from index.vectors import check_files_agree, check_schema, open_dataset
+    from contracts.vectors import check_files_agree, check_schema, open_dataset
     from model.embedding import LABEL_COLUMNS, row_keys
 
     ds = open_dataset(prev)
@@ -85,7 +85,7 @@ def _copy_carried(prev: str, carried, write) -> int:
     """Stream the previous output and write its rows whose key is in `carried` (sorted int64)."""
     import numpy as np
 
-    from index.vectors import open_dataset
+    from contracts.vectors import open_dataset
     from model.embedding import row_keys
 
     n = 0
@@ -154,8 +154,8 @@ def main(argv=None) -> int:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from index.storage import atomic_dir
-    from index.vectors import embeddings_schema
+    from contracts.storage import atomic_dir
+    from contracts.vectors import embeddings_schema
     from model import embedding as E
     from model.checkpoint import load_model
 
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     else:
         import os
 
-        from model.manifest import read_manifest
+        from contracts.manifest import read_manifest
 
         if "://" not in args.root and not os.path.isdir(args.root):
             raise FileNotFoundError(f"--root is not a directory: {args.root}")

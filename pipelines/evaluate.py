@@ -66,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from index import metrics as M
-    from index.evaluation import format_report, label_codes, make_report
-    from index.rerank_eval import choose_sample_rows, evaluate_ranked, is_reranked
-    from index.storage import write_text_atomic
-    from index.vectors import read_vectors
+    from contracts.storage import write_text_atomic
+    from contracts.vectors import read_vectors
+    from index.evaluation import metrics as M
+    from index.evaluation.protocol import format_report, label_codes, make_report
+    from index.evaluation.reranked import choose_sample_rows, evaluate_ranked, is_reranked
 
     if args.chunk is not None and args.chunk < 1:
         raise ValueError("--chunk must be >= 1")
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             reports.append(report)
             print(f"{mode} {method_name(config) or 'none'}: scored in {time.perf_counter() - t1:.1f}s", flush=True)
             if args.report:
-                from index.report import report_label, report_slug
+                from index.evaluation.report import report_label, report_slug
 
                 curves[report_label(report)] = M.cmc_curve(ev.per_query, 50)
                 ranked[report_slug(report)] = ranked_rows(ev.samples, query, gallery)
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
 
 
 def ranked_rows(samples, query, gallery):
-    """RankedSample (ids as rows) -> index.report.RankedRow (image ids and captions)."""
-    from index.report import RankedRow, Tile
+    """RankedSample (ids as rows) -> index.evaluation.report.RankedRow (image ids and captions)."""
+    from index.evaluation.report import RankedRow, Tile
 
     def cam(table, row):
         return "" if table.camera_ids is None else f" c{table.camera_ids[row]}"
@@ -144,7 +144,7 @@ def ranked_rows(samples, query, gallery):
 
 
 def write_report_dir(args, reports, curves, ranked, query, gallery) -> None:
-    from index.report import write_report
+    from index.evaluation.report import write_report
 
     read_image = None
     notes = [f"query: {args.query}" + (f" (split {args.query_split})" if args.query_split else "")
@@ -166,9 +166,9 @@ def write_report_dir(args, reports, curves, ranked, query, gallery) -> None:
 def evaluate_results(args) -> int:
     import pyarrow.dataset as pads
 
-    from index.evaluation import format_report, make_report, per_query_metrics_from_results
-    from index.storage import write_text_atomic
-    from index.vectors import camera_array, open_dataset
+    from contracts.storage import write_text_atomic
+    from contracts.vectors import camera_array, open_dataset
+    from index.evaluation.protocol import format_report, make_report, per_query_metrics_from_results
 
     if not args.gallery_labels:
         raise ValueError("--results needs --gallery-labels (image_id, item_id[, camera_id] of the gallery)")
@@ -193,7 +193,7 @@ def evaluate_results(args) -> int:
     if missing:
         raise ValueError(f"{args.results}: not query results, missing column(s) {', '.join(sorted(missing))}")
     pq_, k, mode = per_query_metrics_from_results(results, q_items, q_ids, q_cams, g_items, g_ids, g_cams)
-    from index.results import results_metadata
+    from contracts.results import results_metadata
 
     rerank = results_metadata(args.results).get("rerank")  # what query.py applied, if anything
     report = make_report(pq_, mode, None if rerank in (None, "none") else rerank, at_k=k,
@@ -205,7 +205,7 @@ def evaluate_results(args) -> int:
         write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
         print(f"report: {args.out}")
     if args.report:
-        from index.report import write_report
+        from index.evaluation.report import write_report
 
         write_report(args.report, [report], notes=[f"results: {args.results}"])
         print(f"report directory: {args.report}")

@@ -38,7 +38,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from index.versions import IndexHome, IndexVersionError
+    from index.ann.versions import IndexHome, IndexVersionError
 
     home = IndexHome(args.index)
     import os

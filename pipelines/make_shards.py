@@ -80,7 +80,7 @@ def check_out_dir(out: str, root: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from index.storage import atomic_dir
+    from contracts.storage import atomic_dir
     from model.ingest import CheckConfig, build_dataset, parse_hw, scan_dataset
 
     if "://" in args.out:

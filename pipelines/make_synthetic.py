@@ -62,7 +62,7 @@ def check_out_dir(out: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from index.storage import atomic_dir
+    from contracts.storage import atomic_dir
     from model.ingest import parse_hw
     from model.synthetic import SyntheticConfig, write_dataset
 

@@ -7,7 +7,7 @@ Reads the queries in batches (embeddings Parquet: query_id = image_id), searches
 writes OUT/part-NNNNN.parquet (query_id, rank, item_id, image_id, score) atomically.
 
 Re-ranking (--rerank kreciprocal|aqe|alpha-qe|dba, comma-combinable) works from the index's own
-neighbour lists (index.rerank_search): the sharded index is the search function for the queries'
+neighbour lists (index.rerank.backends): the sharded index is the search function for the queries'
 and the gallery's neighbours, and the gallery vectors needed for distances and means are the
 index version's source vectors (manifest "source", or --gallery-vectors), checked id by id
 against the index. All queries are re-ranked together (k-reciprocal compares queries with each
@@ -50,7 +50,7 @@ def search_batches(index, queries_path: str, k: int, batch_size: int, split: str
     import numpy as np
     import pyarrow as pa
 
-    from index.vectors import VectorFileError, iter_vector_batches, open_dataset, read_metadata
+    from contracts.vectors import VectorFileError, iter_vector_batches, open_dataset, read_metadata
 
     ds = open_dataset(queries_path)
     if "image_id" not in ds.schema.names:
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     config = rerank_config(args.rerank, args, topk=args.k)
-    from index.results import ResultsWriter, make_results_table
-    from index.search import open_index
+    from contracts.results import ResultsWriter, make_results_table
+    from index.ann.search import open_index
 
     if args.ray:
         init_ray(args.address, args.num_cpus)
@@ -119,9 +119,9 @@ def answer_reranked(index, args, config, meta) -> int:
 
     import numpy as np
 
-    from index.rerank_search import load_index_vectors, rerank_with_search, result_scores
-    from index.results import ResultsWriter, make_results_table
-    from index.vectors import VectorFileError, read_vectors
+    from contracts.results import ResultsWriter, make_results_table
+    from contracts.vectors import VectorFileError, read_vectors
+    from index.rerank.backends import load_index_vectors, rerank_with_search, result_scores
 
     t0 = time.perf_counter()
     queries = read_vectors(args.queries, kind="embeddings", split=args.split, expect_dim=None)

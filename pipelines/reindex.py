@@ -87,8 +87,8 @@ def embed_local(manifest, root: str, model_dir: str, previous: str | None, out: 
     import numpy as np
     import pyarrow as pa
 
-    from index.storage import atomic_dir
-    from index.vectors import embeddings_schema
+    from contracts.storage import atomic_dir
+    from contracts.vectors import embeddings_schema
     from model import embedding as E
     from pipelines.embed import _copy_carried, _PartWriter, _previous_keys, write_errors
 
@@ -146,7 +146,7 @@ def embed_with_ray(args, previous: str | None, out: str) -> dict:
 def model_identity(model_dir: str) -> str:
     """The model's id (model.checkpoint: sha256 prefix of model.pt), with its config checked,
     without building the network (the embed step loads it)."""
-    from index.storage import resolve
+    from contracts.storage import resolve
     from model.checkpoint import CONFIG_FILE, MODEL_FILE, model_id_from_bytes
     from model.config import ModelConfig
 
@@ -164,8 +164,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import pyarrow.compute as pc
 
-    from index.reindex import ReindexConfig, Reindexer
-    from model.manifest import read_manifest
+    from contracts.manifest import read_manifest
+    from index.nightly.runner import ReindexConfig, Reindexer
 
     args.root = args.root or os.path.dirname(os.path.abspath(args.gallery_manifest))
     if "://" not in args.root and not os.path.isdir(args.root):

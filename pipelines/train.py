@@ -292,8 +292,8 @@ def _validate(net, config, cfg, rank, world, device, on_gpu) -> dict:
 
 
 def reid_metrics(qidx, gidx, merged) -> dict:
-    """Instance and centroid mAP / Rank-1 (DESIGN evaluation protocol via index.metrics)."""
-    from index import metrics as M
+    """Instance and centroid mAP / Rank-1 (DESIGN evaluation protocol via index.evaluation.metrics)."""
+    from index.evaluation import metrics as M
 
     qrows, q = merged["query"]
     grows, g = merged["gallery"]

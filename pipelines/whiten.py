@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from index.whitening import (
+    from index.ann.whitening import (
         apply_whitening_file,
         fit_whitening_file,
         load_whitening,

@@ -112,7 +112,7 @@ def test_real_repository_upload_has_the_code_and_no_local_state(tmp_path):
     spec = jobs.JobSpec(script="pipelines/evaluate.py", working_dir=str(REPO))
     got = _ray_package(tmp_path, REPO, jobs.runtime_env(spec)["excludes"])
     assert {"pipelines/evaluate.py", "pipelines/_cli.py", "cluster/jobs.py", "pyproject.toml",
-            "index/metrics.py"} <= got
+            "index/evaluation/metrics.py", "contracts/vectors.py"} <= got
     for name in got:
         top = name.split("/")[0]
         assert top not in {".venv", ".git", "outputs", ".pytest_cache", ".ruff_cache"}, name

@@ -18,8 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from index.build import BuildConfig, build_index
-from index.vectors import VectorFileError, centroids_schema, embeddings_schema, make_centroids_table
+from contracts.vectors import (
+    VectorFileError,
+    centroids_schema,
+    embeddings_schema,
+    make_centroids_table,
+)
+from index.ann.build import BuildConfig, build_index
 from pipelines import build_index as build_job
 from pipelines import evaluate as evaluate_job
 from pipelines import query as query_job

@@ -1,5 +1,5 @@
 """A write that fails half-way (disk full, ENOSPC) leaves the previous output intact and no
-half-written output where a finished one is expected: index.storage helpers, make_shards,
+half-written output where a finished one is expected: contracts.storage helpers, make_shards,
 build_index (shard file, ids file, publish of CURRENT), query results and the evaluate report.
 embed and centroids (Ray jobs) are in test_ray_jobs.py.
 
@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from index import storage
-from index.build import BuildConfig, build_index
-from index.search import open_index
-from index.versions import IndexHome
+from contracts import storage
+from index.ann.build import BuildConfig, build_index
+from index.ann.search import open_index
+from index.ann.versions import IndexHome
 from pipelines import build_index as build_job
 from pipelines import evaluate as evaluate_job
 from pipelines import make_shards as shards_job
@@ -56,7 +56,7 @@ def assert_disk_full_error(code, err):
     assert "No space left on device" in err, err
 
 
-# ---- index.storage ------------------------------------------------------------------------------
+# ---- contracts.storage ------------------------------------------------------------------------------
 
 class FullFS:
     """The part of a pyarrow filesystem atomic_path uses; output streams fill up after `room` bytes."""
@@ -137,8 +137,8 @@ def _market(root, n=6):
 
 @pytest.mark.parametrize("where", ["shard", "manifest", "rejected"])
 def test_make_shards_disk_full_keeps_previous_output(tmp_path, capsys, monkeypatch, where):
+    import contracts.manifest
     import model.ingest
-    import model.manifest
     import model.shards
 
     root = _market(tmp_path / "root")
@@ -151,7 +151,7 @@ def test_make_shards_disk_full_keeps_previous_output(tmp_path, capsys, monkeypat
         monkeypatch.setattr(model.shards, "open", full_open(builtins.open, 700, lambda p: p.endswith("000001.tar")),
                             raising=False)
     elif where == "manifest":
-        monkeypatch.setattr(model.manifest.pq, "write_table", half_write_table(pq.write_table))
+        monkeypatch.setattr(contracts.manifest.pq, "write_table", half_write_table(pq.write_table))
     else:
         real = pq.write_table
         monkeypatch.setattr(pq, "write_table", lambda t, w, *a, **k: (half_write_table(real) if
@@ -188,7 +188,7 @@ def _serves_v1(tmp_path):
 def test_build_index_disk_full_keeps_serving_previous_version(built, capsys, monkeypatch, where):
     import faiss
 
-    import index.versions
+    import index.ann.versions
 
     tmp_path, _ = built
     before = tree(tmp_path / "idx" / "g" / "v1")
@@ -204,7 +204,7 @@ def test_build_index_disk_full_keeps_serving_previous_version(built, capsys, mon
     elif where == "ids":
         monkeypatch.setattr(pq, "ParquetWriter", FullParquetWriter)
     else:
-        monkeypatch.setattr(index.versions, "open",
+        monkeypatch.setattr(index.ann.versions, "open",
                             full_open(builtins.open, 1, lambda p: os.path.basename(p).startswith(".tmp-CURRENT")),
                             raising=False)
     code, _, err = cli(build_job, ["--vectors", tmp_path / "v.parquet", "--root", tmp_path / "idx", "--name", "g",
@@ -224,14 +224,14 @@ def test_build_index_disk_full_keeps_serving_previous_version(built, capsys, mon
 # ---- query results, evaluate report -------------------------------------------------------------
 
 def test_query_results_disk_full_keeps_previous_results(built, capsys, monkeypatch):
-    import index.results
+    import contracts.results
 
     tmp_path, _ = built
     args = ["--index", tmp_path / "idx" / "g", "--queries", tmp_path / "q.parquet", "--k", 3,
             "--out", tmp_path / "res", "--batch-size", 2]
     assert cli(query_job, args, capsys)[0] == 0
     before = tree(tmp_path / "res")
-    monkeypatch.setattr(index.results.pq, "write_table", half_write_table(pq.write_table))
+    monkeypatch.setattr(contracts.results.pq, "write_table", half_write_table(pq.write_table))
     code, _, err = cli(query_job, args[:-4] + ["--k", 4, "--out", tmp_path / "res"], capsys)
     assert_disk_full_error(code, err)
     assert tree(tmp_path / "res") == before and leftovers(tmp_path) == []

@@ -106,7 +106,7 @@ def cli(main, argv, capsys):
 
 
 def check_embed_output(world, out: Path):
-    from index.vectors import read_vectors
+    from contracts.vectors import read_vectors
 
     v = read_vectors(str(out), kind="embeddings")
     ids = list(v.image_ids)
@@ -174,7 +174,7 @@ def test_embed_killed_mid_run_then_rerun_and_disk_full(world, tmp_path, capsys, 
 
 
 def write_raw_embeddings(path, x, item_ids, model="m1"):
-    from index.vectors import embeddings_schema
+    from contracts.vectors import embeddings_schema
 
     n = len(x)
     sch = embeddings_schema(x.shape[1], model)

@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 
-from index.build import BuildConfig, build_index
-from index.versions import IndexHome
+from index.ann.build import BuildConfig, build_index
+from index.ann.versions import IndexHome
 from pipelines import index_versions
 from pipelines import query as query_job
 from pipelines._cli import run_main

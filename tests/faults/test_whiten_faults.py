@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from index import storage
-from index.whitening import FORMAT, WhiteningError, load_whitening
+from contracts import storage
+from index.ann.whitening import FORMAT, WhiteningError, load_whitening
 from pipelines import whiten
 from tests.faults.diskfull import FullParquetWriter, leftovers, tree
 from tests.faults.test_disk_full import FullFS

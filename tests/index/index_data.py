@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from index.vectors import (
+from contracts.vectors import (
     l2_normalize,
     make_centroids_table,
     make_embeddings_table,

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from contracts.manifest import read_manifest
 from model.ingest import (
     CheckConfig,
     IngestError,
@@ -26,7 +27,6 @@ from model.ingest import (
     scan_manifest,
     scan_market1501,
 )
-from model.manifest import read_manifest
 from model.shards import iter_shard_samples, key_for, list_shards
 
 

@@ -5,7 +5,7 @@ import torch
 from model.backbones import IBN
 from model.checkpoint import build_model, load_pretrained
 from model.config import BACKBONE_DIMS, ModelConfig
-from model.net import GeM
+from model.pooling import GeM
 
 SIZE = (64, 32)  # /32 = (2, 1): the smallest size where last stride shows
 

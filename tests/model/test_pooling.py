@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.net import GeM  # the network's GeM, reused by build_pooling("gem")
-from model.pooling import RMAC, build_pooling, rmac_regions
+from model.pooling import RMAC, GeM, build_pooling, rmac_regions
 
 
 def reference_rmac(x: torch.Tensor, L: int = 3, eps: float = 1e-6) -> torch.Tensor:

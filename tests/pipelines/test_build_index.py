@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from index.vectors import embeddings_schema, embeddings_to_arrow, write_table_atomic
-from index.versions import IndexHome
+from contracts.vectors import embeddings_schema, embeddings_to_arrow, write_table_atomic
+from index.ann.versions import IndexHome
 from pipelines import build_index, index_versions
 from pipelines._cli import run_main
 from tests.index.index_data import clustered, write_vectors

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from index import centroids as C
-from index.vectors import make_embeddings_table, read_vectors, write_table_atomic
+from contracts.vectors import make_embeddings_table, read_vectors, write_table_atomic
+from index.centroids import aggregate as C
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ def write_embeddings(d: Path, n=3000, dim=32, items=150, files=3, seed=0, nan_ro
         if nan_row is not None and s.start <= nan_row < s.stop:  # bypass the writer's own check
             import pyarrow as pa
 
-            from index.vectors import embeddings_to_arrow
+            from contracts.vectors import embeddings_to_arrow
             t = t.set_column(4, pa.field("embedding", t.schema.field("embedding").type), embeddings_to_arrow(x[s]))
         write_table_atomic(t, str(d / f"part-{k}.parquet"))
     cams = np.array([-1 if c is None else c for c in cam])
@@ -72,7 +72,7 @@ def test_centroids_equal_numpy_reference(tmp_path, ray_local):
 
     # NaN inside the data (found by a Ray worker): one-line error, previous output kept
     write_embeddings(tmp_path / "bad", nan_row=1234)
-    from index.vectors import VectorFileError
+    from contracts.vectors import VectorFileError
 
     with pytest.raises(VectorFileError, match="NaN"):
         main(["--embeddings", str(tmp_path / "bad"), "--out", str(out)])

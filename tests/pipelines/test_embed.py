@@ -67,7 +67,7 @@ def reference(model_dir, samples):
 
 
 def read_out(d: Path):
-    from index.vectors import read_vectors
+    from contracts.vectors import read_vectors
 
     v = read_vectors(str(d), kind="embeddings")
     return dict(zip(v.image_ids, v.vectors)), v, json.loads((d / "_embed.json").read_text())
@@ -116,7 +116,7 @@ def test_embed_shards_then_incremental(tmp_path, tiny_model, ray_local):
 
 @pytest.mark.slow
 def test_embed_from_manifest_with_missing_file(tmp_path, tiny_model, ray_local):
-    from model.manifest import make_manifest_table, write_manifest
+    from contracts.manifest import make_manifest_table, write_manifest
     from pipelines.embed import main
 
     rows = []

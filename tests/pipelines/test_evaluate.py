@@ -5,9 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-from index import metrics as M
-from index.vectors import make_embeddings_table, write_table_atomic
-from tests.index.test_metrics import random_reid
+from contracts.vectors import make_embeddings_table, write_table_atomic
+from index.evaluation import metrics as M
+from tests.index.evaluation.test_metrics import random_reid
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def test_evaluate_bad_inputs_one_line_error(embedding_files):
     bad[3, 0] = np.nan
     import pyarrow.parquet as pq
 
-    from index.vectors import embeddings_to_arrow
+    from contracts.vectors import embeddings_to_arrow
     t = pq.read_table(tmp / "q.parquet")
     t = t.set_column(t.schema.get_field_index("embedding"), t.schema.field("embedding"), embeddings_to_arrow(bad))
     pq.write_table(t, tmp / "nan.parquet")

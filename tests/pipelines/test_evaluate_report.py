@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from index.vectors import l2_normalize, make_embeddings_table, write_table_atomic
+from contracts.vectors import l2_normalize, make_embeddings_table, write_table_atomic
 from pipelines import evaluate
 from pipelines._cli import run_main
 from pipelines._images import image_reader

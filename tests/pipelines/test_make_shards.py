@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from model.manifest import items_of, read_manifest, split_counts
+from contracts.manifest import items_of, read_manifest, split_counts
 from model.shards import iter_shard_samples, list_shards
 from pipelines import make_shards, make_synthetic
 from pipelines._cli import run_main

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from index.build import BuildConfig, build_index
-from index.results import read_ranked_lists, read_results, results_metadata
-from index.search import exact_search
+from contracts.results import read_ranked_lists, read_results, results_metadata
+from index.ann.build import BuildConfig, build_index
+from index.ann.search import exact_search
 from pipelines import query
 from pipelines._cli import run_main
 from tests.index.index_data import clustered, write_vectors

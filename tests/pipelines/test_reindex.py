@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from index import centroids as C
-from index import reindex as R
-from index.versions import IndexHome
+from index.ann.versions import IndexHome
+from index.centroids import aggregate as C
+from index.nightly import runner as R
 
 REPO = Path(__file__).resolve().parents[2]
 HELD_BACK = 20  # gallery images kept out of the first manifest, added on the third night
@@ -50,7 +50,7 @@ def _save_model(path: Path, seed: int = 0, collapse: bool = False) -> str:
 
 
 def _write_manifest(table: pa.Table, path: Path) -> Path:
-    from model.manifest import write_manifest
+    from contracts.manifest import write_manifest
 
     write_manifest(table, str(path))
     return path
@@ -59,7 +59,7 @@ def _write_manifest(table: pa.Table, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Synthetic Market-layout data, its manifest, a tiny model and its validation queries."""
-    from model.manifest import read_manifest
+    from contracts.manifest import read_manifest
     from pipelines import make_shards, make_synthetic
     from pipelines.reindex import embed_local
 
@@ -105,7 +105,7 @@ def last_run(work: Path) -> dict:
 
 def committed_image_ids(work: Path) -> list[str]:
     state = json.loads((work / R.STATE_FILE).read_text())
-    from index.vectors import open_dataset
+    from contracts.vectors import open_dataset
 
     ids = open_dataset(str(work / state["embeddings"])).to_table(columns=["image_id"]).column("image_id")
     return ids.to_pylist()
@@ -115,8 +115,8 @@ def committed_image_ids(work: Path) -> list[str]:
 
 
 def test_three_nights_incremental(world, tmp_path):
-    from index.search import open_index
-    from index.vectors import read_vectors
+    from contracts.vectors import read_vectors
+    from index.ann.search import open_index
     from pipelines.reindex import main
 
     g = world["gallery"]
@@ -278,7 +278,7 @@ def test_gate_decision_rules():
 
 
 def _emb_dir(path: Path, image_ids, items, cams, vecs, model="m") -> str:
-    from index.vectors import make_embeddings_table, write_table_atomic
+    from contracts.vectors import make_embeddings_table, write_table_atomic
 
     t = make_embeddings_table(image_ids, items, cams, ["gallery"] * len(items), vecs, model)
     t = t.append_column("content_hash", pa.array([f"h{i}" for i in image_ids], pa.string()))
@@ -287,7 +287,7 @@ def _emb_dir(path: Path, image_ids, items, cams, vecs, model="m") -> str:
 
 
 def test_update_centroids_equals_full_recompute(tmp_path):
-    from index.vectors import l2_normalize, read_vectors
+    from contracts.vectors import l2_normalize, read_vectors
 
     rng = np.random.default_rng(0)
     n, d = 300, 8
@@ -347,7 +347,7 @@ def test_killed_run_then_rerun(world, tmp_path, step):
     """SIGKILL right after `step`, then the same command again. "build" is killed on a second
     night (+20, -5) with a version already published; the others on the first night. The index
     holds image embeddings here, so "one row per image" is checked in the index too."""
-    from index.search import open_index
+    from index.ann.search import open_index
     from pipelines.reindex import KILL_ENV, main
 
     g = world["gallery"]
@@ -437,7 +437,7 @@ def test_three_nights_as_ray_jobs_on_a_local_head(world, tmp_path):
     """A private local head; each night is `ray job submit ... -- python pipelines/reindex.py`
     (Ray Data embedding on the head's workers), all paths absolute."""
     from cluster import jobs, local
-    from index.search import open_index
+    from index.ann.search import open_index
 
     g = world["gallery"]
     n = g.num_rows

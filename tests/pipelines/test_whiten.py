@@ -6,14 +6,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from index.vectors import (
+from contracts.vectors import (
     l2_normalize,
     make_centroids_table,
     make_embeddings_table,
     read_vectors,
     write_table_atomic,
 )
-from index.whitening import WhiteningError, load_whitening
+from index.ann.whitening import WhiteningError, load_whitening
 from pipelines.whiten import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,8 +153,8 @@ def test_help_documents_every_option():
 def test_whitened_index_whitens_raw_queries(emb_file, tmp_path, capsys):
     """build_index --whiten stores the whitening with the version; query.py then takes queries
     of the original model and answers as a search of their whitened vectors."""
-    from index.results import read_results
-    from index.search import open_index
+    from contracts.results import read_results
+    from index.ann.search import open_index
     from pipelines import build_index as build_cli
     from pipelines import query as query_cli
     from pipelines._cli import run_main

@@ -1,0 +1,1 @@
+"""Sharded FAISS indexes: build, versions and atomic publish, search, PCA-whitening."""

@@ -1,0 +1,532 @@
+"""Build a sharded FAISS index version from an embeddings or centroids Parquet (streamed).
+
+Steps (`build_index`):
+1. count rows (Parquet metadata) and choose the index type (`choose_index_type`, autofaiss'
+   rules: Flat when small, HNSW or IVF-Flat (4*sqrt(n)..16*sqrt(n) lists) for medium sizes,
+   OPQ+IVF+PQ when IVF-Flat would not fit ``max_memory_gb``);
+2. pass 1 (approximate types only): a uniform random sample of vectors for training and a
+   held-back sample of evaluation queries (bottom-k sampling on random keys, O(sample) memory);
+3. train one template index on the sample (GPU k-means when faiss sees GPUs) and clone it per
+   shard, so all shards share one coarse quantizer;
+4. pass 2: stream batches, assign each vector to shard ``blake2b(item_id) % S`` (stable across
+   runs and machines; all images of an item land in one shard), add them with int64 ids (the
+   global row number) and write the id -> item_id/image_id tables as they come; the exact top-k
+   of the evaluation queries is accumulated on the way (ground truth without a second read);
+5. tune nprobe / efSearch to the smallest value reaching ``target_recall`` recall@10 against
+   exact search, with the evaluation sample held back (not in the index while tuning, added
+   right after), and record the achieved recall;
+6. write ``shard-NNN.faiss`` + ``shard-NNN.ids.parquet`` + manifest (sha256 of every file) into a
+   temporary directory, rename it to the version name, then (optionally) publish CURRENT.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from contracts.vectors import (
+    VectorFileError,
+    check_schema,
+    detect_kind,
+    iter_vector_batches,
+    open_dataset,
+)
+from index.ann.search import apply_search_params, exact_search, merge_topk
+from index.ann.versions import IndexHome, finalize_manifest, shard_files
+
+log = logging.getLogger(__name__)
+
+METRIC = "inner_product"
+IDS_SCHEMA = pa.schema([pa.field("id", pa.int64(), nullable=False),
+                        pa.field("item_id", pa.string(), nullable=False),
+                        pa.field("image_id", pa.string())])
+NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
+               1536, 2048, 4096, 8192, 16384, 32768, 65536)
+EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
+PQ_CHOICES = (256, 128, 64, 48, 32, 24, 16, 8, 4)  # bytes per vector, best first (autofaiss)
+ALIASES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+
+
+class IndexBuildError(ValueError):
+    """Bad build input or options (no vectors, unknown index type, impossible memory budget)."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How to build. index_type: "auto", an alias (flat, hnsw, ivf, ivfpq) or a FAISS factory
+    string (e.g. "IVF1024,Flat"; wrapped in IDMap when it cannot take ids itself)."""
+
+    shards: int = 1
+    index_type: str = "auto"
+    max_memory_gb: float | None = None  # budget for all shards' index bytes; None = unlimited
+    target_recall: float = 0.95  # recall@10 vs exact search that nprobe/efSearch are tuned to
+    batch_size: int = 65536
+    eval_queries: int = 1000
+    recall_k: int = 10
+    flat_threshold: int = 10_000  # per shard: below this Flat (exact) is fast enough
+    hnsw_threshold: int = 100_000  # per shard: below this HNSW; above, IVF (mmap-able, builds fast)
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    train_points_per_list: int = 64  # k-means sample size per inverted list (faiss wants >= 39)
+    max_train_points: int = 500_000
+    kmeans_iters: int = 12
+    seed: int = 0
+    use_gpu: bool | None = None  # None: when faiss.get_num_gpus() > 0
+    whitening: str | None = None  # a fitted PCA-whitening .npz (pipelines/whiten.py) applied
+    whiten_dim: int | None = None  # to every vector and stored with the version; None = its dim
+
+
+@dataclass
+class BuildResult:
+    version: str
+    path: str
+    manifest: dict
+    published: bool
+    seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing the index
+
+
+def nlist_for(n: int) -> int:
+    """Inverted lists for n vectors: the power of two nearest 4*sqrt(n), kept in
+    [4*sqrt(n), 16*sqrt(n)] (faiss guidelines / autofaiss), and >= 1."""
+    if n <= 0:
+        return 1
+    lo = 4 * math.sqrt(n)
+    p = 2 ** round(math.log2(lo))
+    if p < lo:
+        p *= 2
+    # never more lists than k-means can train well (39 points per centroid)
+    return int(max(1, min(p, n // 39)))
+
+
+def estimate_bytes(factory: str, n: int, dim: int) -> int:
+    """Rough bytes of an index holding n vectors (codes + ids + coarse centroids)."""
+    nlist = int(m.group(1)) if (m := re.search(r"IVF(\d+)", factory)) else 0
+    centroids = nlist * dim * 4
+    if (m := re.search(r"PQ(\d+)", factory)) and "IVF" in factory:
+        return n * (int(m.group(1)) + 8) + centroids + 256 * dim * 4 + dim * dim * 4
+    if (m := re.search(r"HNSW(\d+)", factory)):
+        return n * (dim * 4 + 2 * int(m.group(1)) * 4 + 8 + 8)  # vectors + level-0 links + ids
+    return n * (dim * 4 + 8) + centroids
+
+
+def choose_index_type(n_total: int, dim: int, shards: int, cfg: BuildConfig) -> str:
+    """autofaiss-style choice of a per-shard FAISS factory string (IDMap added later)."""
+    kind = cfg.index_type.lower() if cfg.index_type.lower() in ALIASES else None
+    if kind is None:
+        return cfg.index_type
+    n = max(1, math.ceil(n_total / shards))  # vectors per shard (hash sharding is near-uniform)
+    budget = None if cfg.max_memory_gb is None else cfg.max_memory_gb * 2**30
+    nlist = nlist_for(n)
+    ivf_flat = f"IVF{nlist},Flat"
+    hnsw = f"HNSW{cfg.hnsw_m}"
+
+    def fits(factory: str) -> bool:
+        return budget is None or estimate_bytes(factory, n, dim) * shards <= budget
+
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return hnsw
+    if kind == "ivf":
+        return ivf_flat
+    if kind == "auto":
+        if n < cfg.flat_threshold and fits("Flat"):
+            return "Flat"
+        if n < cfg.hnsw_threshold and fits(hnsw):
+            return hnsw
+        if fits(ivf_flat):
+            return ivf_flat
+    # ivfpq, or auto over budget: the largest PQ code that fits (autofaiss' OPQ+IVF+PQ); an
+    # explicit "ivfpq" without a budget takes 64-byte codes (or the largest below that)
+    options = [m for m in PQ_CHOICES if m < dim and dim % m == 0] or [m for m in PQ_CHOICES if m < dim]
+    if kind == "ivfpq" and budget is None:
+        options = [m for m in options if m <= 64] or options
+    for m in options:
+        # "np": no polysemous training (slow, and useless without a Hamming threshold at search)
+        factory = f"OPQ{m}_{m * max(1, dim // m)},IVF{nlist},PQ{m}np"
+        if fits(factory):
+            return factory
+    raise IndexBuildError(f"no index type fits {cfg.max_memory_gb} GiB for {n_total} x {dim} vectors "
+                          f"in {shards} shard(s); raise --max-memory or add shards/machines")
+
+
+def is_ivf(factory: str) -> bool:
+    return bool(re.search(r"(^|,)(OPQ\d+(_\d+)?,)?(PCA\w*,)?IVF|IMI", factory))
+
+
+def is_exact(factory: str) -> bool:
+    return factory.replace("IDMap,", "").replace("IDMap2,", "") in ("Flat",)
+
+
+def per_shard_factory(factory: str) -> str:
+    """Factory string that accepts add_with_ids: IVF indexes do; others get an IDMap wrapper."""
+    if is_ivf(factory) or factory.startswith("IDMap"):
+        return factory
+    return "IDMap," + factory
+
+
+# ---------------------------------------------------------------------------------------------
+# sharding and sampling
+
+
+def shard_of(item_ids, shards: int) -> np.ndarray:
+    """Stable shard number of each item_id: blake2b-64(item_id) mod shards -> (N,) int64.
+    (Python's hash() is salted per process and would move items between builds.)"""
+    if shards == 1:
+        return np.zeros(len(item_ids), dtype=np.int64)
+    out = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") % shards
+         for i in item_ids), dtype=np.int64, count=len(item_ids))
+    return out
+
+
+class BottomKSample:
+    """Uniform sample of up to `size` rows from a stream: keep the rows with the smallest
+    random keys (bottom-k sampling), O(size) memory."""
+
+    def __init__(self, size: int, dim: int, rng: np.random.Generator):
+        self.size, self.rng = size, rng
+        self.keys = np.zeros(0)
+        self.vecs = np.zeros((0, dim), np.float32)
+        self.ids = np.zeros(0, np.int64)
+
+    def add(self, vecs: np.ndarray, ids: np.ndarray) -> None:
+        if self.size <= 0:
+            return
+        keys = np.concatenate([self.keys, self.rng.random(len(vecs))])
+        allv = np.concatenate([self.vecs, vecs])
+        alli = np.concatenate([self.ids, ids])
+        if len(keys) > self.size:
+            keep = np.argpartition(keys, self.size - 1)[: self.size]
+            keys, allv, alli = keys[keep], allv[keep], alli[keep]
+        self.keys, self.vecs, self.ids = keys, allv, alli
+
+
+# ---------------------------------------------------------------------------------------------
+# recall
+
+
+def recall_at(approx_ids: np.ndarray, exact_ids: np.ndarray, self_ids: np.ndarray, k: int) -> float:
+    """Mean |approx top-k ∩ exact top-k| / k, each query's own id removed from both lists
+    first. approx_ids / exact_ids: (Q, >= k+1) int64; self_ids: (Q,) int64."""
+    hits = 0
+    for a, e, s in zip(approx_ids, exact_ids, self_ids):
+        a = [x for x in a if x != s and x >= 0][:k]
+        e = [x for x in e if x != s and x >= 0][:k]
+        hits += len(set(a) & set(e)) / max(1, len(e))
+    return hits / max(1, len(self_ids))
+
+
+def _search_all(indexes, queries: np.ndarray, k: int) -> np.ndarray:
+    parts = []
+    for idx in indexes:
+        if idx.ntotal == 0:
+            continue
+        parts.append(idx.search(queries, k))
+    return merge_topk(parts, k)[1]
+
+
+def tune_search_params(indexes, factory: str, queries: np.ndarray, self_ids: np.ndarray,
+                       exact_ids: np.ndarray, target: float, k: int = 10) -> tuple[dict, float]:
+    """Smallest nprobe (IVF) / efSearch (HNSW) whose merged recall@k reaches `target`; if none
+    does, the largest tried. Sets it on `indexes`; returns (params, achieved recall)."""
+    if "HNSW" in factory and not is_ivf(factory):
+        name, grid = "efSearch", EF_GRID
+    elif is_ivf(factory):
+        nlist = int(re.search(r"IVF(\d+)", factory).group(1))
+        name, grid = "nprobe", tuple(v for v in NPROBE_GRID if v < nlist) + (nlist,)
+    else:
+        ids = _search_all(indexes, queries, k + 1)
+        return {}, recall_at(ids, exact_ids, self_ids, k)
+    tried: list[tuple[int, float]] = []
+    for value in grid:
+        for idx in indexes:
+            apply_search_params(idx, {name: value})
+        r = recall_at(_search_all(indexes, queries, k + 1), exact_ids, self_ids, k)
+        log.info("tune %s=%s recall@%d=%.4f", name, value, k, r)
+        tried.append((value, r))
+        if r >= target:
+            break
+        # quantised codes (PQ) cap the recall: stop once two more steps gain < 0.002
+        if len(tried) >= 3 and r - tried[-3][1] < 0.002:
+            break
+    if tried[-1][1] < target:  # target not reached: the smallest value within 0.002 of the best
+        top = max(r for _, r in tried)
+        value, r = next((v, r) for v, r in tried if r >= top - 0.002)
+        tried.append((value, r))
+    value, r = tried[-1]
+    for idx in indexes:
+        apply_search_params(idx, {name: value})
+    return {name: value}, r
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def _vector_source(path: str):
+    ds = open_dataset(path)
+    meta = check_schema(ds.schema, detect_kind(ds.schema), path)
+    kind = detect_kind(ds.schema)
+    return ds, meta, kind
+
+
+def _gpu_enabled(cfg: BuildConfig) -> bool:
+    import faiss
+
+    n = faiss.get_num_gpus()
+    if cfg.use_gpu and n <= 0:
+        raise IndexBuildError("use_gpu requested but faiss sees no GPU (is faiss-gpu installed?)")
+    return n > 0 if cfg.use_gpu is None else bool(cfg.use_gpu)
+
+
+def train_template(factory: str, dim: int, sample: np.ndarray, cfg: BuildConfig, gpu: bool):
+    """Create the per-shard index from `factory` (inner product) and train it on `sample`."""
+    import faiss
+
+    index = faiss.index_factory(dim, per_shard_factory(factory), faiss.METRIC_INNER_PRODUCT)
+    if is_ivf(factory):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter = cfg.kmeans_iters
+        ivf.cp.seed = cfg.seed
+        ivf.cp.max_points_per_centroid = max(cfg.train_points_per_list, 39)
+        if gpu:  # k-means assignment on the GPU(s); the trained index stays on the CPU
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+    if factory.startswith("OPQ"):  # fewer OPQ iterations: most of the gain comes early
+        pre = faiss.downcast_index(index)
+        opq = faiss.downcast_VectorTransform(pre.chain.at(0))
+        opq.niter = min(opq.niter, 8)
+        opq.niter_pq_0 = min(opq.niter_pq_0, cfg.kmeans_iters)
+        opq.max_train_points = min(opq.max_train_points, 32768)
+    if "HNSW" in factory:
+        hnsw = faiss.downcast_index(index.index if hasattr(index, "id_map") else index)
+        if hasattr(hnsw, "hnsw"):
+            hnsw.hnsw.efConstruction = cfg.hnsw_ef_construction
+    if not index.is_trained:
+        if len(sample) == 0:
+            raise IndexBuildError(f"{factory} needs training vectors but the sample is empty")
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    if is_ivf(factory):
+        faiss.extract_index_ivf(index).clustering_index = None
+    return index
+
+
+WHITENING_FILE = "whitening.npz"
+
+
+def _load_build_whitening(cfg: BuildConfig, meta):
+    """The PCA-whitening of cfg.whitening (truncated to cfg.whiten_dim), checked against the
+    source vectors' model and dimension; IndexBuildError names a mismatch."""
+    from index.ann.whitening import WhiteningError, load_whitening
+
+    try:
+        w = load_whitening(cfg.whitening)
+        if cfg.whiten_dim is not None:
+            w = w.truncate(cfg.whiten_dim)
+    except (WhiteningError, FileNotFoundError) as e:
+        raise IndexBuildError(str(e)) from None
+    if w.input_dim != meta.dim:
+        raise IndexBuildError(f"whitening {cfg.whitening} takes {w.input_dim}-D vectors but the "
+                              f"source has dim {meta.dim}")
+    if w.model and w.model != meta.model:
+        raise IndexBuildError(f"whitening {cfg.whitening} was fitted on model {w.model!r}, the "
+                              f"source vectors come from {meta.model!r}")
+    return w
+
+
+def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConfig(),
+                publish: bool = True, version: str | None = None, progress=None) -> BuildResult:
+    """Build a new version of ``root/name`` from the Parquet file/dir `vectors`.
+
+    Returns a BuildResult; with publish=True CURRENT points at the new version afterwards.
+    Raises IndexBuildError / VectorFileError on bad input; nothing is left behind on error.
+    """
+    import faiss
+
+    say = progress or (lambda msg: log.info(msg))
+    t0 = time.perf_counter()
+    timings = {}
+    if cfg.shards < 1:
+        raise IndexBuildError(f"shards must be >= 1, got {cfg.shards}")
+    if not 0 < cfg.target_recall <= 1:
+        raise IndexBuildError(f"target recall must be in (0, 1], got {cfg.target_recall}")
+    ds, meta, kind = _vector_source(vectors)
+    n_total = ds.count_rows()
+    if n_total == 0:
+        raise IndexBuildError(f"{vectors}: no vectors to index")
+    dim, model = meta.dim, meta.model
+    whitening = _load_build_whitening(cfg, meta) if cfg.whitening else None
+    if whitening is not None:
+        from index.ann.whitening import whitened_model_id
+
+        dim, model = whitening.dim, whitened_model_id(meta.model, whitening.dim)
+
+    def batches(columns):
+        """(labels, vectors) batches of the source, whitened when asked."""
+        for labels, vecs in iter_vector_batches(vectors, cfg.batch_size, columns=columns):
+            yield labels, (whitening.apply(vecs) if whitening is not None else vecs)
+    factory = choose_index_type(n_total, dim, cfg.shards, cfg)
+    try:
+        faiss.index_factory(dim, per_shard_factory(factory), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise IndexBuildError(f"bad index type {factory!r}: {str(e).strip().splitlines()[-1]}") from None
+    exact = is_exact(factory)
+    gpu = _gpu_enabled(cfg)
+    say(f"{n_total} x {dim} {kind} -> {cfg.shards} shard(s) of {factory} "
+        f"({'GPU' if gpu else 'CPU'})")
+
+    has_image = "image_id" in ds.schema.names
+    has_count = not has_image and "count" in ds.schema.names  # centroids: images per item
+    label_cols = ["item_id"] + (["image_id"] if has_image else []) + (["count"] if has_count else [])
+    rng = np.random.default_rng(cfg.seed)
+
+    # pass 1: training sample + evaluation queries (not needed for exact Flat)
+    n_train = 0
+    if is_ivf(factory):
+        nlist = int(re.search(r"IVF(\d+)", factory).group(1))
+        n_train = min(n_total, max(nlist * cfg.train_points_per_list, 10_000 if "PQ" in factory else 0),
+                      max(cfg.max_train_points, nlist * 39))
+    n_eval = 0 if exact else min(cfg.eval_queries, n_total)
+    train = BottomKSample(n_train, dim, rng)
+    evalq = BottomKSample(n_eval, dim, rng)
+    if n_train or n_eval:
+        t = time.perf_counter()
+        offset = 0
+        for _, vecs in batches([]):
+            ids = np.arange(offset, offset + len(vecs), dtype=np.int64)
+            train.add(vecs, ids)
+            evalq.add(vecs, ids)
+            offset += len(vecs)
+        timings["sample_s"] = time.perf_counter() - t
+    eval_vecs = np.ascontiguousarray(evalq.vecs)
+    order = np.argsort(evalq.ids)
+    eval_vecs, eval_ids = eval_vecs[order], evalq.ids[order]
+
+    t = time.perf_counter()
+    template = train_template(factory, dim, train.vecs, cfg, gpu)
+    del train
+    indexes = [faiss.clone_index(template) for _ in range(cfg.shards)]
+    timings["train_s"] = time.perf_counter() - t
+
+    home = IndexHome.of(root, name)
+    with home.new_version(version) as (ver, tmp):
+        # pass 2: add in batches, write ids tables, accumulate exact top-k of eval queries
+        t = time.perf_counter()
+        writers = [pq.ParquetWriter(os.path.join(tmp, shard_files(s)[1]), IDS_SCHEMA)
+                   for s in range(cfg.shards)]
+        kk = cfg.recall_k + 1
+        gt = (np.full((n_eval, kk), -np.inf, np.float32), np.full((n_eval, kk), -1, np.int64))
+        offset = 0
+        sizes = np.zeros(cfg.shards, dtype=np.int64)
+        eval_shard = np.full(n_eval, -1, dtype=np.int64)
+        try:
+            for labels, vecs in batches(label_cols):
+                n = len(vecs)
+                ids = np.arange(offset, offset + n, dtype=np.int64)
+                offset += n
+                items = labels.column("item_id")
+                if items.null_count:
+                    raise VectorFileError(f"{vectors}: item_id has null values")
+                if has_count:
+                    empty = np.flatnonzero(labels.column("count").fill_null(0).to_numpy() <= 0)
+                    if len(empty):
+                        raise VectorFileError(f"{vectors}: item {items[int(empty[0])].as_py()!r} has no "
+                                              "images (count 0): not a centroid")
+                shard = shard_of(items.to_pylist(), cfg.shards)
+                images = labels.column("image_id") if has_image else pa.nulls(n, pa.string())
+                # evaluation queries are held back: added to the index only after tuning, so
+                # they are unseen queries (a vector already in an HNSW graph is found too easily)
+                held = np.isin(ids, eval_ids) if n_eval else np.zeros(n, dtype=bool)
+                eval_shard[np.searchsorted(eval_ids, ids[held])] = shard[held]
+                for s in np.unique(shard):
+                    sel = np.nonzero(shard == s)[0]
+                    add = sel[~held[sel]]
+                    indexes[s].add_with_ids(np.ascontiguousarray(vecs[add]), ids[add])
+                    take = pa.array(sel)
+                    writers[s].write_table(pa.table(
+                        [pa.array(ids[sel]), items.take(take).cast(pa.string()),
+                         images.take(take).cast(pa.string())], schema=IDS_SCHEMA))
+                    sizes[s] += len(sel)
+                if n_eval and not held.all():
+                    # exact top-k among this batch's indexed (not held-back) vectors, merged in
+                    gt = merge_topk([gt, exact_search(eval_vecs, vecs[~held], kk, ids[~held])], kk)
+                if progress and offset % (cfg.batch_size * 16) < n:
+                    say(f"added {offset}/{n_total}")
+        finally:
+            for w in writers:
+                w.close()
+        if offset != n_total:
+            raise IndexBuildError(f"{vectors}: read {offset} rows but the metadata counts {n_total}")
+        timings["add_s"] = time.perf_counter() - t
+
+        # tune nprobe / efSearch on the held-out queries
+        t = time.perf_counter()
+        if exact:
+            params, recall = {}, 1.0
+        else:
+            params, recall = tune_search_params(indexes, factory, eval_vecs, eval_ids, gt[1],
+                                                cfg.target_recall, cfg.recall_k)
+            if recall < cfg.target_recall:
+                say(f"warning: {factory} reaches recall@{cfg.recall_k}={recall:.4f} < target "
+                    f"{cfg.target_recall} at {params}")
+        for s in range(cfg.shards):  # now the held-back vectors join their shards
+            sel = np.nonzero(eval_shard == s)[0]
+            if len(sel):
+                indexes[s].add_with_ids(np.ascontiguousarray(eval_vecs[sel]), eval_ids[sel])
+        timings["tune_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        for s, idx in enumerate(indexes):
+            faiss.write_index(idx, os.path.join(tmp, shard_files(s)[0]))
+        timings["write_s"] = time.perf_counter() - t
+        extra = {}
+        if whitening is not None:  # stored with the version: queries go through the same file
+            whitening.save(os.path.join(tmp, WHITENING_FILE))
+            extra["whitening"] = {"file": WHITENING_FILE, "input_model": meta.model,
+                                  "input_dim": meta.dim, "dim": whitening.dim,
+                                  "power": whitening.power, "fitted_on": whitening.n_samples}
+        manifest = {
+            "version": ver,
+            "model": model,
+            "dim": dim,
+            "metric": METRIC,
+            "normalized": True,
+            "index_type": factory,
+            "faiss_factory": per_shard_factory(factory),
+            "exact": exact,
+            "num_shards": cfg.shards,
+            "num_vectors": int(n_total),
+            "shard_sizes": sizes.tolist(),
+            "sharding": "blake2b64(item_id) % num_shards",
+            "vector_kind": kind,
+            "has_image_ids": has_image,
+            "source": [os.path.abspath(vectors) if "://" not in vectors else vectors],
+            "search_params": params,
+            "recall": {f"recall@{cfg.recall_k}": float(recall), "target": cfg.target_recall,
+                       "target_met": bool(recall >= cfg.target_recall), "eval_queries": int(n_eval),
+                       "method": "held-back sample of the vectors as queries (added after tuning) "
+                                 "vs exact search"},
+            **extra,
+            "build": {"seconds": round(time.perf_counter() - t0, 3), "gpu": gpu,
+                      "faiss_version": faiss.__version__,
+                      "config": asdict(cfg), "timings": {k: round(v, 3) for k, v in timings.items()}},
+        }
+        manifest = finalize_manifest(tmp, manifest)
+    if publish:
+        home.publish(ver)
+    say(f"version {ver} written to {home.version_dir(ver)}"
+        + (" and published" if publish else " (not published)"))
+    return BuildResult(ver, home.version_dir(ver), manifest, publish, time.perf_counter() - t0, timings)

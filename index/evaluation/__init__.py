@@ -1,0 +1,1 @@
+"""Retrieval metrics (mAP, CMC, mINP), the evaluation protocol, re-ranked evaluation, reports."""

@@ -1,0 +1,1 @@
+"""The nightly re-index: embed new images, update centroids, build, gate, publish."""

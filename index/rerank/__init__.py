@@ -1,0 +1,1 @@
+"""Re-ranking: k-reciprocal, query expansion / database augmentation, diffusion, search backends."""

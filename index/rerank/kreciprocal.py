@@ -1,0 +1,668 @@
+"""k-reciprocal re-ranking (Zhong et al., CVPR 2017) in an exact dense form and a scalable form.
+
+Definitions (DESIGN.md, "Re-ranking"): the "original distance" is the squared Euclidean distance
+between L2-normalised embeddings, 2 - 2 cos, over the union of queries and gallery (queries
+first, then gallery, as in the paper's code); each point's row of distances is divided by its
+largest distance (the reference divides every column of the union matrix by its maximum and
+transposes). Then, with initial_rank[i] the points ordered by distance from i (i itself first):
+
+- R(i, k): the forward neighbours initial_rank[i, :k+1] that have i among their own k+1.
+- R*(i): R(i, k1) plus, for every c in R(i, k1), R(c, round(k1/2)) when more than 2/3 of that
+  set lies in R(i, k1).
+- V[i, j] = exp(-d(i, j)) / sum_{j' in R*(i)} exp(-d(i, j')) for j in R*(i), 0 elsewhere.
+- Local query expansion: V[i] <- mean of V over initial_rank[i, :k2] (skipped when k2 == 1).
+- Jaccard distance: 1 - t / (2 - t) with t = sum_k min(V[q, k], V[g, k]); the rows of V sum
+  to 1, so sum_k max = 2 - t.
+- final = (1 - lambda) * jaccard + lambda * d(q, g).
+
+Both forms run one engine on neighbour lists and keep V as sparse rows (CSR), so the only
+dense object of the exact form is the (Q+G)^2 distance matrix that the reference takes as input.
+The scalable form gets its neighbour lists from a FAISS index (or any search function) and
+distances from the vectors themselves, so its memory is O((Q+G) * k). A gallery item g that
+shares no support with the query has t = 0, so its final distance is (1 - lambda) + lambda *
+d(q, g): ordered exactly like the original distance. The scalable form therefore scores the
+query's overlap set together with its `candidates` nearest neighbours, which makes its top-k
+the exact top-k whenever the k-th distance is below (1 - lambda) + lambda * (distance of the
+last candidate); `RerankResult.certified` says for which queries that was checked to hold.
+
+Use with query expansion / database augmentation (index.rerank.expansion): expand or augment the
+vectors first, then re-rank the new vectors, or call `rerank` with a `RerankConfig`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+"""search_fn(x (n, D) float32, k) -> (scores (n, k) float32 inner products, higher is nearer;
+ids (n, k) int64 row numbers in the searched set, -1 where fewer than k were found)."""
+
+METHODS = ("none", "kreciprocal", "aqe", "alpha-qe", "dba", "diffusion")
+
+
+# --------------------------------------------------------------------------------------------
+# small sparse-row container and vectorised gathers
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SparseRows:
+    """Rows of a sparse (N, N) float32 matrix in CSR form: row r holds columns
+    indices[indptr[r]:indptr[r+1]] (int32, ascending) with values data[...] (float32)."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.indptr) - 1
+
+
+def _gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) for each (s, n): (sum(lengths),) int64."""
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, np.int64)
+    offsets = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) - np.repeat(offsets - starts.astype(np.int64), lengths)
+
+
+def _csr_from_parts(counts: list[np.ndarray], cols: list[np.ndarray], vals: list[np.ndarray]) -> SparseRows:
+    counts_all = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+    indptr = np.zeros(len(counts_all) + 1, np.int64)
+    np.cumsum(counts_all, out=indptr[1:])
+    return SparseRows(indptr,
+                      np.concatenate(cols).astype(np.int32) if cols else np.zeros(0, np.int32),
+                      np.concatenate(vals).astype(np.float32) if vals else np.zeros(0, np.float32))
+
+
+def _row_chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield np.arange(start, min(start + size, n), dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# the engine: neighbour lists -> V (CSR) -> Jaccard overlaps
+# --------------------------------------------------------------------------------------------
+PairDist = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""pair_dist(a, b) -> (n,) float32 normalised original distances d(a[i], b[i])."""
+
+
+def reciprocal_neighbours(nn: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """R(i, k) for the points `rows`: (C, k+1) int64, the forward neighbours nn[i, :k+1] that
+    are k-reciprocal (i is among their own first k+1), -1 where not. nn: (N, K) int64, -1 for
+    missing entries."""
+    fwd = nn[rows, :k + 1]
+    valid = fwd >= 0
+    back = nn[np.where(valid, fwd, 0), :k + 1]  # (C, k+1, k+1)
+    recip = (back == rows[:, None, None]).any(axis=2) & valid
+    return np.where(recip, fwd, -1)
+
+
+def expansion_weights(nn: np.ndarray, pair_dist: PairDist, k1: int, chunk: int = 4096) -> SparseRows:
+    """V before local query expansion: for each point i, weights exp(-d) normalised to sum 1
+    over its expanded k-reciprocal set R*(i). nn: (N, K>=k1+1) int64 neighbour lists."""
+    n = len(nn)
+    k_half = int(np.around(k1 / 2.0))  # round half to even, as the reference's np.around
+    half = np.concatenate([reciprocal_neighbours(nn, r, k_half) for r in _row_chunks(n, chunk)]) \
+        if n else np.zeros((0, k_half + 1), np.int64)
+    counts, cols, vals = [], [], []
+    for rows in _row_chunks(n, chunk):
+        r_set = reciprocal_neighbours(nn, rows, k1)  # (C, k1+1)
+        r_valid = r_set >= 0
+        cand = half[np.where(r_valid, r_set, 0)]  # (C, k1+1, k_half+1)
+        cand_valid = (cand >= 0) & r_valid[:, :, None]
+        size = cand_valid.sum(axis=2)
+        in_r = (cand[..., None] == r_set[:, None, None, :]).any(axis=3) & cand_valid
+        accept = r_valid & (in_r.sum(axis=2) > 2.0 / 3.0 * size)
+        extra = np.where(accept[:, :, None] & cand_valid, cand, -1).reshape(len(rows), -1)
+        members = np.sort(np.concatenate([r_set, extra], axis=1), axis=1)
+        keep = members >= 0
+        keep[:, 1:] &= members[:, 1:] != members[:, :-1]  # unique per row (rows are sorted)
+        local, _ = np.nonzero(keep)
+        col = members[keep]
+        d = pair_dist(rows[local], col)
+        w = np.exp(-d.astype(np.float32))
+        row_sum = np.bincount(local, weights=w, minlength=len(rows)).astype(np.float32)
+        counts.append(keep.sum(axis=1))
+        cols.append(col)
+        vals.append(w / row_sum[local])
+    return _csr_from_parts(counts, cols, vals)
+
+
+def local_query_expansion(v: SparseRows, nn: np.ndarray, k2: int, chunk: int = 4096) -> SparseRows:
+    """V[i] <- mean of V over nn[i, :k2] (missing neighbours, -1, are left out of the mean).
+    Returns V itself when k2 == 1, as the reference does."""
+    if k2 <= 1:
+        return v
+    n = v.num_rows
+    counts, cols, vals = [], [], []
+    for rows in _row_chunks(n, chunk):
+        src = nn[rows, :k2]
+        owner = np.repeat(np.arange(len(rows)), src.shape[1]).reshape(src.shape)
+        ok = src >= 0
+        src, owner = src[ok], owner[ok]
+        n_src = np.bincount(owner, minlength=len(rows))
+        starts = v.indptr[src]
+        lengths = v.indptr[src + 1] - starts
+        idx = _gather_ranges(starts, lengths)
+        own = np.repeat(owner, lengths)
+        key = own * n + v.indices[idx]
+        uniq, inv = np.unique(key, return_inverse=True)
+        summed = np.bincount(inv.reshape(-1), weights=v.data[idx], minlength=len(uniq))
+        u_own = uniq // n
+        counts.append(np.bincount(u_own, minlength=len(rows)))
+        cols.append(uniq % n)
+        vals.append((summed / n_src[u_own]).astype(np.float32))
+    return _csr_from_parts(counts, cols, vals)
+
+
+@dataclass
+class _Columns:
+    """Column view (CSC) of the rows >= first_row of a SparseRows: for column c, the rows
+    rows[colptr[c]:colptr[c+1]] with values vals[...]."""
+
+    colptr: np.ndarray
+    rows: np.ndarray
+    vals: np.ndarray
+
+
+def _columns(v: SparseRows, first_row: int, n_cols: int) -> _Columns:
+    lo = v.indptr[first_row]
+    row_of = np.repeat(np.arange(first_row, v.num_rows, dtype=np.int32), np.diff(v.indptr[first_row:]))
+    cols = v.indices[lo:]
+    order = np.argsort(cols, kind="stable")
+    colptr = np.zeros(n_cols + 1, np.int64)
+    np.cumsum(np.bincount(cols, minlength=n_cols), out=colptr[1:])
+    return _Columns(colptr, row_of[order], v.data[lo:][order])
+
+
+def jaccard_overlaps(v: SparseRows, queries: np.ndarray, cols: _Columns, budget: int = 1 << 23):
+    """For each query row q (in `queries`), the rows g with t(q, g) = sum_k min(V[q,k], V[g,k]) > 0
+    among the rows that `cols` covers. Yields, per chunk of consecutive queries,
+    (start, stop, pos, g, t): the chunk is queries[start:stop]; pos (n,) int64 positions into
+    `queries`, g (n,) int64 rows, t (n,) float32, sorted by pos then g. `budget` bounds the
+    number of (q, k, g) triples held at once (a single query may exceed it)."""
+    q_start = v.indptr[queries]
+    q_len = v.indptr[queries + 1] - q_start
+    col_len = np.diff(cols.colptr)
+    # triples per query, to cut the queries into chunks of bounded work
+    owner = np.repeat(np.arange(len(queries)), q_len)
+    work = np.bincount(owner, weights=col_len[v.indices[_gather_ranges(q_start, q_len)]],
+                       minlength=len(queries))
+    cum = np.cumsum(work)
+    bound = int(cols.rows.max()) + 1 if len(cols.rows) else 1  # pair key = pos * bound + g
+    start = 0
+    while start < len(queries):
+        done = cum[start - 1] if start else 0.0
+        stop = max(start + 1, int(np.searchsorted(cum, done + budget, side="right")))
+        pos = np.arange(start, stop)
+        idx = _gather_ranges(q_start[pos], q_len[pos])
+        own_k = np.repeat(pos, q_len[pos])
+        k = v.indices[idx]
+        c_start = cols.colptr[k]
+        c_len = cols.colptr[k + 1] - c_start
+        cidx = _gather_ranges(c_start, c_len)
+        own = np.repeat(own_k, c_len)
+        g = cols.rows[cidx].astype(np.int64)
+        m = np.minimum(np.repeat(v.data[idx], c_len), cols.vals[cidx])
+        uniq, inv = np.unique(own * bound + g, return_inverse=True)
+        t = np.bincount(inv.reshape(-1), weights=m, minlength=len(uniq)).astype(np.float32)
+        yield start, stop, uniq // bound, uniq % bound, t
+        start = stop
+
+
+def jaccard_from_overlap(t: np.ndarray) -> np.ndarray:
+    """Jaccard distance 1 - t / (2 - t) in float32, as the reference computes it."""
+    t = t.astype(np.float32)
+    return np.float32(1.0) - t / (np.float32(2.0) - t)
+
+
+# --------------------------------------------------------------------------------------------
+# exact (dense) form
+# --------------------------------------------------------------------------------------------
+def original_distance(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray) -> np.ndarray:
+    """The reference's normalised original distance, already transposed: (N, N) float32 with
+    N = Q + G, row i = squared distances of every point to i divided by their maximum.
+    Inputs are (non-squared) distances, as the reference takes them."""
+    q, g = q_g_dist.shape
+    n = q + g
+    # Build the transpose of [[qq, qg], [qg.T, gg]] directly: [[qq.T, qg], [qg.T, gg.T]].
+    out = np.empty((n, n), np.float32)
+    for block, rs, cs in ((np.asarray(q_q_dist).T, slice(0, q), slice(0, q)),
+                          (np.asarray(q_g_dist), slice(0, q), slice(q, n)),
+                          (np.asarray(q_g_dist).T, slice(q, n), slice(0, q)),
+                          (np.asarray(g_g_dist).T, slice(q, n), slice(q, n))):
+        # square in the input dtype, then float32, as the reference does
+        out[rs, cs] = np.power(block, 2).astype(np.float32)
+    out /= out.max(axis=1, keepdims=True)
+    return out
+
+
+def _dense_neighbours(dist: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """First k entries of each row's argsort (ascending): (N, k) int64, without a full sort."""
+    n = dist.shape[1]
+    k = min(k, n)
+    out = np.empty((len(dist), k), np.int64)
+    for rows in _row_chunks(len(dist), chunk):
+        block = dist[rows]
+        part = np.argpartition(block, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(rows), 1))
+        order = np.argsort(np.take_along_axis(block, part, axis=1), axis=1, kind="stable")
+        out[rows] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def k_reciprocal_exact(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray,
+                       k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
+    """k-reciprocal re-ranking with the reference's signature and result.
+
+    q_g_dist: (Q, G), q_q_dist: (Q, Q), g_g_dist: (G, G) distances (not squared: like the
+    reference, this squares them); any float dtype. Returns (Q, G) float32 final distances,
+    equal to person-re-ranking / torchreid ``re_ranking`` fed the same matrices (ties in the
+    initial ranking aside). Dense: holds one (Q+G)^2 float32 matrix; meant for Q+G up to ~20,000.
+    """
+    _check_params(k1, k2, lambda_value)
+    q, g = np.shape(q_g_dist)
+    if np.shape(q_q_dist) != (q, q) or np.shape(g_g_dist) != (g, g):
+        raise ValueError(f"distance matrices disagree: q_g {np.shape(q_g_dist)}, "
+                         f"q_q {np.shape(q_q_dist)}, g_g {np.shape(g_g_dist)}")
+    dist = original_distance(q_g_dist, q_q_dist, g_g_dist)
+    return _exact_from_original(dist, q, k1, k2, lambda_value)
+
+
+def _exact_from_original(dist: np.ndarray, q: int, k1: int, k2: int, lambda_value: float) -> np.ndarray:
+    n = len(dist)
+    nn = _dense_neighbours(dist, max(k1 + 1, k2))
+    v = expansion_weights(nn, lambda a, b: dist[a, b], k1)
+    v = local_query_expansion(v, nn, k2)
+    jaccard = np.ones((q, n - q), np.float32)
+    cols = _columns(v, q, n)
+    for _, _, pos, g, t in jaccard_overlaps(v, np.arange(q), cols):
+        jaccard[pos, g - q] = jaccard_from_overlap(t)
+    return jaccard * np.float32(1 - lambda_value) + dist[:q, q:] * np.float32(lambda_value)
+
+
+def k_reciprocal_from_embeddings(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2: int = 6,
+                                 lambda_value: float = 0.3, gallery_keep: np.ndarray | None = None
+                                 ) -> np.ndarray:
+    """Exact re-ranking of L2-normalised vectors. query: (Q, D), gallery: (G, D) float32.
+
+    Equals ``k_reciprocal_exact(sqrt(2 - 2 q.g), sqrt(2 - 2 q.q), sqrt(2 - 2 g.g))`` (original
+    distance 2 - 2 cos) up to float32 rounding, holding one (Q+G)^2 float32 matrix.
+    gallery_keep: optional (G,) bool, False for items that take no part (junk, item "-1"):
+    they are left out of the union and get +inf in the result.
+    Returns (Q, G) float32 final distances (smaller is nearer).
+    """
+    _check_params(k1, k2, lambda_value)
+    query = np.ascontiguousarray(query, np.float32)
+    gallery = np.ascontiguousarray(gallery, np.float32)
+    _check_pair(query, gallery)
+    keep = _keep_rows(gallery_keep, len(gallery))
+    kept = gallery[keep] if keep is not None else gallery
+
+    # The union matrix 2 - 2 x.x^T, built in place (one (Q+G)^2 float32 array). It is symmetric,
+    # so the reference's column maxima are its row maxima and its transpose is itself.
+    x = np.concatenate([query, kept])
+    dist = np.matmul(x, x.T)
+    dist *= -2.0
+    dist += 2.0
+    np.maximum(dist, 0.0, out=dist)
+    np.fill_diagonal(dist, 0.0)  # a point's distance to itself is 0, whatever |x|^2 rounds to
+    dist /= np.maximum(dist.max(axis=1, keepdims=True), np.float32(1e-30))
+    final = _exact_from_original(dist, len(query), k1, k2, lambda_value)
+    del dist
+    if keep is None:
+        return final
+    out = np.full((len(query), len(gallery)), np.inf, np.float32)
+    out[:, keep] = final
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# scalable (sparse) form
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RerankResult:
+    """Re-ranked top-k lists. ids: (Q, k) int64 gallery row numbers (of the gallery as given,
+    junk included in the numbering), -1 past the end of a short list; distances: (Q, k) float32
+    final distances, ascending, +inf past the end; certified: (Q,) bool, True where the list is
+    provably the exact top-k of the neighbour lists used (see module docstring)."""
+
+    ids: np.ndarray
+    distances: np.ndarray
+    certified: np.ndarray
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(Q, k) float32 scores, higher is better: the negated distances."""
+        return -self.distances
+
+    def dense_scores(self, num_gallery: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """(len(rows), num_gallery) float32 scores for metric code that wants whole rows: the
+        listed items get -distance, every other item -inf. Small galleries / row chunks only."""
+        rows = np.arange(len(self.ids)) if rows is None else np.asarray(rows)
+        out = np.full((len(rows), num_gallery), -np.inf, np.float32)
+        ids = self.ids[rows]
+        r, c = np.nonzero(ids >= 0)
+        out[r, ids[r, c]] = -self.distances[rows][r, c]
+        return out
+
+
+def flat_search_fn(vectors: np.ndarray, batch: int = 8192) -> SearchFn:
+    """Exact inner-product search over `vectors` (n, D) float32 with faiss.IndexFlatIP."""
+    import faiss
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, np.float32))
+
+    def search(x: np.ndarray, k: int):
+        k = min(k, index.ntotal)
+        scores = np.empty((len(x), k), np.float32)
+        ids = np.empty((len(x), k), np.int64)
+        for rows in _row_chunks(len(x), batch):
+            scores[rows], ids[rows] = index.search(np.ascontiguousarray(x[rows], np.float32), k)
+        return scores, ids
+
+    return search
+
+
+def union_search_fn(query: np.ndarray, gallery_search: SearchFn) -> SearchFn:
+    """A search over the union [query; gallery] from a search over the gallery alone (e.g. the
+    sharded gallery index): the queries are searched exactly, ids >= Q are gallery row + Q."""
+    q_search = flat_search_fn(query)
+    n_q = len(query)
+
+    def search(x: np.ndarray, k: int):
+        qs, qi = q_search(x, k)
+        gs, gi = gallery_search(x, k)
+        scores = np.concatenate([qs, gs], axis=1)
+        ids = np.concatenate([qi, np.where(gi >= 0, gi + n_q, -1)], axis=1)
+        scores = np.where(ids >= 0, scores, -np.inf)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, top, axis=1), np.take_along_axis(ids, top, axis=1)
+
+    return search
+
+
+def _self_first(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Neighbour lists with the point itself at position 0, as an exact ranking has it (an
+    approximate index may miss it, and duplicates may come before it)."""
+    is_self = ids == rows[:, None]
+    order = np.argsort(~is_self, axis=1, kind="stable")
+    out = np.take_along_axis(ids, order, axis=1)
+    missing = ~is_self.any(axis=1)
+    out[missing] = np.concatenate([rows[missing, None], ids[missing, :-1]], axis=1)
+    return out
+
+
+AUTO_SEARCH_MAX = 20_000
+
+
+def resolve_max_distance(max_distance: str | float, n: int) -> str | float:
+    """"auto" -> "search" for up to AUTO_SEARCH_MAX points, "sample" above: a farthest-point
+    search of -x costs a pass over the whole index per point (brute force in a Flat index, a
+    long walk in HNSW), which does not scale; the sample's estimate differs only slightly."""
+    if max_distance == "auto":
+        return "search" if n <= AUTO_SEARCH_MAX else "sample"
+    return max_distance
+
+
+def farthest_in_sample(x: np.ndarray, sample_size: int = 8192, seed: int = 0,
+                       chunk: int = 16384) -> np.ndarray:
+    """(n,) float32 largest squared distance 2 - 2 cos from each row of x (n, D) float32 to a
+    random sample of rows of x: an estimate of the reference's row normaliser."""
+    rng = np.random.default_rng(seed)
+    sample = x[np.sort(rng.choice(len(x), min(sample_size, len(x)), replace=False))]
+    out = np.empty(len(x), np.float32)
+    for rows in _row_chunks(len(x), chunk):
+        out[rows] = 2.0 - 2.0 * (x[rows] @ sample.T).min(axis=1)
+    return out
+
+
+def _pair_dots(x: np.ndarray, a: np.ndarray, b: np.ndarray, block: int = 1 << 17) -> np.ndarray:
+    out = np.empty(len(a), np.float32)
+    for s in range(0, len(a), block):
+        e = min(s + block, len(a))
+        out[s:e] = np.einsum("ij,ij->i", x[a[s:e]], x[b[s:e]])
+    return out
+
+
+def _keep_rows(gallery_keep, g: int) -> np.ndarray | None:
+    if gallery_keep is None:
+        return None
+    keep = np.asarray(gallery_keep, bool)
+    if keep.shape != (g,):
+        raise ValueError(f"gallery_keep has shape {keep.shape}, expected ({g},)")
+    return None if keep.all() else keep
+
+
+def _check_pair(query: np.ndarray, gallery: np.ndarray) -> None:
+    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query {query.shape} and gallery {gallery.shape} must be (n, D) with the same D")
+    if len(gallery) == 0:
+        raise ValueError("gallery is empty")
+    if not (np.isfinite(query).all() and np.isfinite(gallery).all()):
+        raise ValueError("query or gallery vectors contain NaN or inf")
+
+
+def _check_params(k1, k2, lambda_value):
+    if k1 < 1 or k2 < 1:
+        raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
+    if not 0.0 <= lambda_value <= 1.0:
+        raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
+
+
+def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2: int = 6,
+                        lambda_value: float = 0.3, *, topk: int = 100, candidates: int | None = None,
+                        search_fn: SearchFn | None = None, gallery_keep: np.ndarray | None = None,
+                        max_distance: str | float = "auto", chunk: int = 4096,
+                        stats: dict | None = None) -> RerankResult:
+    """Scalable k-reciprocal re-ranking from neighbour lists; returns top-k lists per query.
+
+    query: (Q, D), gallery: (G, D) float32 L2-normalised. search_fn: inner-product search over
+    the union U = [query; kept gallery] (row numbers: queries 0..Q-1, then kept gallery rows in
+    order); None builds an exact faiss.IndexFlatIP over U (see flat_search_fn, union_search_fn).
+    candidates: neighbours per query scored besides its Jaccard overlap set (default
+    max(k1 + 1, 2 * topk)). gallery_keep: (G,) bool, False for junk (takes no part).
+    max_distance: "auto" (default) is "search" up to AUTO_SEARCH_MAX points of U and "sample"
+    above; "search" finds each point's largest distance (the reference's row
+    normaliser) with one k=1 search of -x; "sample" takes the largest distance to a random
+    sample of 8,192 points of U (a slight underestimate, one BLAS product instead of a second
+    pass over the index); a float uses that constant for every point (4.0 bounds the squared
+    distance of unit vectors).
+    Distances are recomputed from the vectors, so an approximate index only changes which
+    neighbours are found. Memory O((Q + G) * (k1 + candidates)) plus the sparse rows of V.
+    With an exact search the result equals the top-k of `k_reciprocal_from_embeddings`.
+    stats: if a dict is given, it receives seconds per stage and the sizes of V.
+    """
+    import time
+
+    stats = {} if stats is None else stats
+    clock = [time.perf_counter()]
+
+    def lap(name):
+        now = time.perf_counter()
+        stats[f"seconds_{name}"] = round(now - clock[0], 3)
+        clock[0] = now
+
+    _check_params(k1, k2, lambda_value)
+    query = np.ascontiguousarray(query, np.float32)
+    gallery = np.ascontiguousarray(gallery, np.float32)
+    _check_pair(query, gallery)
+    keep = _keep_rows(gallery_keep, len(gallery))
+    gallery_rows = np.flatnonzero(keep) if keep is not None else np.arange(len(gallery))
+    x = np.concatenate([query, gallery[gallery_rows]]) if keep is not None else np.concatenate([query, gallery])
+    n_q, n = len(query), len(x)
+    candidates = max(k1 + 1, 2 * topk) if candidates is None else max(int(candidates), k1 + 1)
+    if search_fn is None:
+        search_fn = flat_search_fn(x)
+
+    # neighbour lists: every point needs its first max(k1+1, k2); queries also `candidates`
+    k_all = min(max(k1 + 1, k2), n)
+    _, q_ids = search_fn(query, min(candidates, n))
+    q_ids = _self_first(np.asarray(q_ids, np.int64), np.arange(n_q))
+    nn = np.empty((n, k_all), np.int64)
+    nn[:n_q] = q_ids[:, :k_all]
+    for rows in _row_chunks(n - n_q, 65536):
+        _, ids = search_fn(x[n_q + rows], k_all)
+        nn[n_q + rows] = _self_first(np.asarray(ids, np.int64), n_q + rows)
+    lap("search")
+
+    max_distance = resolve_max_distance(max_distance, n)
+    stats["max_distance"] = max_distance
+    if max_distance == "search":
+        far = np.empty(n, np.float32)
+        for rows in _row_chunks(n, 65536):
+            s, _ = search_fn(-x[rows], 1)
+            far[rows] = 2.0 + 2.0 * s[:, 0]  # 2 - 2 * (min cos)
+    elif max_distance == "sample":
+        far = farthest_in_sample(x, sample_size=8192)
+    else:
+        far = np.full(n, float(max_distance), np.float32)
+    far = np.maximum(far, np.float32(1e-12))
+    lap("farthest")
+
+    def pair_dist(a, b):
+        d = np.maximum(np.float32(2.0) - np.float32(2.0) * _pair_dots(x, a, b), np.float32(0.0))
+        d[a == b] = 0.0
+        return d / far[a]
+
+    v = expansion_weights(nn, pair_dist, k1, chunk)
+    stats["v_entries_per_row"] = round(len(v.data) / n, 2)
+    v = local_query_expansion(v, nn, k2, chunk)
+    stats["v_qe_entries_per_row"] = round(len(v.data) / n, 2)
+    del nn
+    cols = _columns(v, n_q, n)
+    lap("encoding")
+
+    # bound on the final distance of anything outside a query's candidate list: at least
+    # (1 - lambda) + lambda * d(q, last listed point); recomputed from the vectors, since the
+    # search's scores may be approximate and _self_first may have dropped its last entry
+    listed = (q_ids >= 0).sum(axis=1)
+    complete = listed >= n  # the list holds every point
+    last = q_ids[np.arange(n_q), np.maximum(listed - 1, 0)]
+    bound = np.float32(1 - lambda_value) + np.float32(lambda_value) * pair_dist(np.arange(n_q), last)
+    bound[listed < q_ids.shape[1]] = -np.inf  # a short list (approximate index) proves nothing
+
+    k_out = topk
+    ids_out = np.full((n_q, k_out), -1, np.int64)
+    dist_out = np.full((n_q, k_out), np.inf, np.float32)
+    lam = np.float32(lambda_value)
+    for lo, hi, pos, g, t in jaccard_overlaps(v, np.arange(n_q), cols):
+        qs = np.arange(lo, hi)
+        cand = q_ids[qs]
+        c_own = np.repeat(qs, cand.shape[1])
+        c_g = cand.reshape(-1)
+        ok = c_g >= n_q
+        # overlap pairs first, so that np.unique keeps their t
+        own = np.concatenate([pos, c_own[ok]])
+        gg = np.concatenate([g, c_g[ok]])
+        tt = np.concatenate([t, np.zeros(int(ok.sum()), np.float32)])
+        _, first = np.unique(own * n + gg, return_index=True)
+        own, gg, tt = own[first], gg[first], tt[first]
+        final = jaccard_from_overlap(tt) * np.float32(1 - lambda_value) + pair_dist(own, gg) * lam
+        order = np.lexsort((gg, final, own))
+        own, gg, final = own[order], gg[order], final[order]
+        starts = np.searchsorted(own, qs)
+        rank = np.arange(len(own)) - np.repeat(starts, np.diff(np.append(starts, len(own))))
+        sel = rank < k_out
+        ids_out[own[sel], rank[sel]] = gallery_rows[gg[sel] - n_q]
+        dist_out[own[sel], rank[sel]] = final[sel]
+    kth = dist_out[:, -1]
+    certified = complete | (kth <= bound)
+    lap("jaccard_topk")
+    return RerankResult(ids_out, dist_out, certified)
+
+
+# --------------------------------------------------------------------------------------------
+# combined re-ranking: DBA / QE / k-reciprocal by configuration
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RerankConfig:
+    """Re-ranking settings. methods: any of "kreciprocal", "aqe", "alpha-qe", "dba", "diffusion"
+    (or just "none"); they run in the order DBA (gallery), then QE (queries), then k-reciprocal
+    or diffusion (one of the two: both re-rank the final lists).
+    diffusion_*: index.rerank.diffusion.diffusion_rerank (graph k, alpha, gamma, query_k, truncate).
+    qe_n / dba_n: neighbours averaged; alpha: exponent of alpha-QE (and of DBA's weights when
+    dba_alpha is set); topk: results per query; candidates / max_distance: see
+    k_reciprocal_sparse."""
+
+    methods: tuple[str, ...] = ("none",)
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    qe_n: int = 5
+    alpha: float = 3.0
+    dba_n: int = 5
+    dba_alpha: float = 0.0
+    topk: int = 100
+    candidates: int | None = None
+    max_distance: str | float = "auto"
+    diffusion_k: int = 20
+    diffusion_alpha: float = 0.99
+    diffusion_gamma: float = 3.0
+    diffusion_query_k: int = 10
+    diffusion_truncate: int = 1000
+
+    @staticmethod
+    def parse_methods(text: str) -> tuple[str, ...]:
+        """"kreciprocal,alpha-qe" -> ("kreciprocal", "alpha-qe"); unknown names raise ValueError."""
+        names = tuple(m.strip().lower() for m in text.split(",") if m.strip()) or ("none",)
+        unknown = [m for m in names if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown re-ranking method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+        if "aqe" in names and "alpha-qe" in names:
+            raise ValueError("choose one of aqe and alpha-qe")
+        if "kreciprocal" in names and "diffusion" in names:
+            raise ValueError("choose one of kreciprocal and diffusion (both re-rank the final lists)")
+        if "none" in names and len(names) > 1:
+            raise ValueError("'none' cannot be combined with other re-ranking methods")
+        return names
+
+    def as_dict(self) -> dict:
+        """The settings that a report should record."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def rerank(query: np.ndarray, gallery: np.ndarray, config: RerankConfig,
+           gallery_keep: np.ndarray | None = None,
+           search_factory: Callable[[np.ndarray], SearchFn] = flat_search_fn) -> RerankResult:
+    """Re-rank L2-normalised query (Q, D) against gallery (G, D) float32 by `config`.
+
+    search_factory(vectors) -> search_fn builds a search over a set of vectors (default exact
+    flat inner product). Returns top-k lists (RerankResult); without k-reciprocal the
+    distances are 2 - 2 cos of the (expanded) vectors and `certified` is all True.
+    """
+    from index.rerank import expansion
+
+    methods = set(config.methods)
+    keep = _keep_rows(gallery_keep, len(gallery))
+    rows = np.flatnonzero(keep) if keep is not None else np.arange(len(gallery))
+    g = np.ascontiguousarray(gallery[rows], np.float32)
+    q = np.ascontiguousarray(query, np.float32)
+    if "dba" in methods:
+        g = expansion.database_augmentation(g, config.dba_n, alpha=config.dba_alpha,
+                                            search_fn=search_factory(g))
+    g_search = search_factory(g)
+    if "aqe" in methods or "alpha-qe" in methods:
+        alpha = config.alpha if "alpha-qe" in methods else 0.0
+        q = expansion.query_expansion(q, g, config.qe_n, alpha=alpha, search_fn=g_search)
+    if "kreciprocal" in methods:
+        res = k_reciprocal_sparse(q, g, config.k1, config.k2, config.lambda_value, topk=config.topk,
+                                  candidates=config.candidates, max_distance=config.max_distance,
+                                  search_fn=union_search_fn(q, g_search))
+        res.ids = np.where(res.ids >= 0, rows[np.maximum(res.ids, 0)], -1)
+        return res
+    scores, ids = g_search(q, min(config.topk, len(g)))
+    ids = np.asarray(ids, np.int64)
+    dist = np.where(ids >= 0, 2.0 - 2.0 * scores, np.inf).astype(np.float32)
+    pad = config.topk - ids.shape[1]
+    if pad > 0:
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
+    return RerankResult(np.where(ids >= 0, rows[np.maximum(ids, 0)], -1), dist,
+                        np.ones(len(q), bool))
