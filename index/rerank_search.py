@@ -23,48 +23,20 @@ served by Ray actors live in other processes.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from index.rerank import RerankConfig, RerankResult, SearchFn, k_reciprocal_sparse, union_search_fn
+from index.rerank import (  # noqa: F401  (filtered_search_fn: re-exported, it lived here)
+    RerankConfig,
+    RerankResult,
+    SearchFn,
+    filtered_search_fn,
+    k_reciprocal_sparse,
+    union_search_fn,
+)
 
 JUNK_ITEM = "-1"
-
-
-def filtered_search_fn(search: SearchFn, keep: np.ndarray, growth: int = 4) -> SearchFn:
-    """A search over the kept rows only, from a search over all G rows.
-
-    search(x, k) -> (scores, ids) over G rows; keep: (G,) bool. The returned search answers
-    with ids renumbered 0..K-1 in kept order (K = keep.sum()), -1 / -inf where fewer than k
-    kept rows exist. Rows whose list the filter leaves short are searched again with
-    `growth` times more neighbours until full or the whole gallery was listed."""
-    keep = np.asarray(keep, bool)
-    g = len(keep)
-    new_id = np.full(g, -1, np.int64)
-    new_id[keep] = np.arange(int(keep.sum()))
-    n_keep = int(keep.sum())
-
-    def search_kept(x: np.ndarray, k: int):
-        k = max(1, min(k, n_keep))
-        out_s = np.full((len(x), k), -np.inf, np.float32)
-        out_i = np.full((len(x), k), -1, np.int64)
-        todo = np.arange(len(x))
-        fetch = min(g, k + max(16, k))
-        while len(todo):
-            sc, ids = search(np.ascontiguousarray(x[todo], np.float32), fetch)
-            sc, ids = np.asarray(sc, np.float32), np.asarray(ids, np.int64)
-            mapped = np.where(ids >= 0, new_id[np.maximum(ids, 0)], -1)
-            ok = mapped >= 0
-            order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # kept entries first, in rank order
-            got = np.take_along_axis(ok, order, axis=1)
-            done = (got.sum(axis=1) >= k) | (fetch >= g) | (ids[:, -1] < 0)
-            rows = todo[done]
-            out_i[rows] = np.where(got, np.take_along_axis(mapped, order, axis=1), -1)[done]
-            out_s[rows] = np.where(got, np.take_along_axis(sc, order, axis=1), -np.inf)[done]
-            todo = todo[~done]
-            fetch = min(g, fetch * growth)
-        return out_s, out_i
-
-    return search_kept
 
 
 def rescored_search_fn(search: SearchFn, vectors: np.ndarray, factor: int = 4) -> SearchFn:
@@ -101,7 +73,8 @@ def rerank_with_search(query: np.ndarray, gallery: np.ndarray, config: RerankCon
 
     gallery_keep: (G,) bool, False for rows that take no part (junk). Returns RerankResult with
     ids = gallery rows (-1 padding) and distances: k-reciprocal final distances, or 2 - 2 cos
-    of the (expanded / augmented) vectors without k-reciprocal. config.topk results per query."""
+    of the (expanded / augmented) vectors without k-reciprocal. (Q, min(config.topk, kept G))
+    arrays: every query gets that many results, however many more queries than gallery rows."""
     from index import expansion
 
     methods = set(config.methods)
@@ -119,6 +92,8 @@ def rerank_with_search(query: np.ndarray, gallery: np.ndarray, config: RerankCon
         search = filtered_search_fn(gallery_search, keep)
     if len(g) == 0:
         raise ValueError("gallery is empty after removing junk items")
+    # lists of min(topk, G): a larger topk would only allocate padding (k=10^7 on 146 vectors)
+    config = replace(config, topk=min(config.topk, len(g)))
     if "dba" in methods:
         g = expansion.database_augmentation(g, config.dba_n, alpha=config.dba_alpha, search_fn=search)
         search = rescored_search_fn(search, g, rescore_factor)
@@ -129,7 +104,7 @@ def rerank_with_search(query: np.ndarray, gallery: np.ndarray, config: RerankCon
     if "kreciprocal" in methods:
         res = k_reciprocal_sparse(q, g, config.k1, config.k2, config.lambda_value, topk=config.topk,
                                   candidates=config.candidates, max_distance=config.max_distance,
-                                  search_fn=union_search_fn(q, search))
+                                  search_fn=union_search_fn(q, search), gallery_search_fn=search)
         res.ids = np.where(res.ids >= 0, rows[np.maximum(res.ids, 0)], -1)
         return res
     if "diffusion" in methods:
