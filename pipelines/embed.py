@@ -82,7 +82,8 @@ def _previous_keys(prev: str, model_id: str):
 
 
 def _copy_carried(prev: str, carried, write) -> int:
-    """Stream the previous output and write its rows whose key is in `carried` (sorted int64)."""
+    """Stream the previous output and write its rows whose key is in `carried` (sorted int64);
+    write(table) returns the rows it wrote."""
     import numpy as np
 
     from contracts.vectors import open_dataset
@@ -98,8 +99,7 @@ def _copy_carried(prev: str, carried, write) -> int:
         if keep.any():
             import pyarrow as pa
 
-            write(pa.Table.from_batches([b]).filter(pa.array(keep)))
-            n += int(keep.sum())
+            n += write(pa.Table.from_batches([b]).filter(pa.array(keep)))  # rows written
     return n
 
 
@@ -132,6 +132,35 @@ class _PartWriter:
             self.writer.close()
             self.writer = None
 
+
+
+DUPLICATE_REASON = "duplicate image_id: already embedded from an earlier sample (the input holds it twice)"
+
+
+class DuplicateFilter:
+    """Keeps the first row of each image_id across everything the job writes; a later row with
+    the same image_id (two copies of a shard, an overlapping glob) becomes an error row instead.
+    Why not refuse the job: the first copy is a correct embedding and the run may have cost
+    hours; the duplicates are listed in _errors.parquet and counted in _embed.json, and the
+    output keeps the contract (image_id unique) that build_index / query / evaluate check."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def __call__(self, table):
+        """table with an image_id column -> (first-seen rows, error rows (image_id, reason))."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        keep = []
+        for image_id in table.column("image_id").to_pylist():
+            keep.append(image_id not in self.seen)
+            self.seen.add(image_id)
+        mask = pa.array(keep, pa.bool_())
+        dups = table.filter(pc.invert(mask)).column("image_id")
+        errors = pa.table({"image_id": dups.cast(pa.string()),
+                           "reason": pa.array([DUPLICATE_REASON] * len(dups), pa.string())})
+        return table.filter(mask), errors
 
 
 def write_errors(out_dir: str, errors: list, rows_written: int):
@@ -242,6 +271,15 @@ def main(argv=None) -> int:
     span = [float("inf"), float("-inf"), 0.0]  # model calls: first start, last finish, busy seconds
     with atomic_dir(args.out) as tmp:
         writer = _PartWriter(tmp, schema, args.rows_per_file)
+        first_copy = DuplicateFilter()
+
+        def write_once(table):
+            table, dups = first_copy(table)
+            if dups.num_rows:
+                errors.append(dups)
+            writer.write(table)
+            return table.num_rows
+
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 good, errs, keys = E.split_embedded(batch)
@@ -250,8 +288,7 @@ def main(argv=None) -> int:
                 if first_out is None:
                     first_out = time.perf_counter()
                 if good.num_rows:
-                    writer.write(good)
-                    embedded += good.num_rows
+                    embedded += write_once(good)
                 if errs.num_rows:
                     errors.append(errs)
                 carried.append(keys)
@@ -262,7 +299,7 @@ def main(argv=None) -> int:
                           f"{sum(len(k) for k in carried)} unchanged, "
                           f"{sum(e.num_rows for e in errors)} error(s)", flush=True)
             carried_keys = np.unique(np.concatenate(carried)) if carried else np.empty(0, np.int64)
-            n_carried = _copy_carried(args.incremental, carried_keys, writer.write) if args.incremental else 0
+            n_carried = _copy_carried(args.incremental, carried_keys, write_once) if args.incremental else 0
         finally:
             writer.close()
         error_table = write_errors(tmp, errors, writer.rows)

@@ -20,6 +20,7 @@ Junk gallery items ("-1") take no part in re-ranking.
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
+from dataclasses import replace
 
 from pipelines._cli import add_ray_arguments, init_ray, run_main
 from pipelines._rerank import add_rerank_arguments, method_name, rerank_config, rerank_params
@@ -43,14 +44,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def search_batches(index, queries_path: str, k: int, batch_size: int, split: str | None = None):
-    """Yield (query_ids, query vectors (n, D) float32, SearchHits) per batch of queries (rows of
-    `split` only when given). Used without re-ranking; --rerank reads all queries at once
-    (answer_reranked), since k-reciprocal compares the queries with each other."""
+def query_batches(index, queries_path: str, batch_size: int, split: str | None = None):
+    """Yield (query_ids, query vectors (n, D) float32, model) per batch of at most `batch_size`
+    queries (rows of `split` only when given), streamed: memory follows the batch, not the file.
+    Checked first: an embeddings file of the index's model and dimension, image_ids unique."""
     import numpy as np
     import pyarrow as pa
 
-    from contracts.vectors import VectorFileError, iter_vector_batches, open_dataset, read_metadata
+    from contracts.vectors import VectorFileError, check_unique_file, iter_vector_batches, open_dataset, read_metadata
 
     ds = open_dataset(queries_path)
     if "image_id" not in ds.schema.names:
@@ -62,6 +63,7 @@ def search_batches(index, queries_path: str, k: int, batch_size: int, split: str
                               f"dimension {index.query_dim(meta.model)}")
     if split is not None and "split" not in ds.schema.names:
         raise VectorFileError(f"{queries_path}: --split given but the queries have no split column")
+    check_unique_file(queries_path, "embeddings")  # a query_id answered twice is not one query
     cols = ["image_id"] + (["split"] if split is not None else [])
     for labels, vecs in iter_vector_batches(queries_path, batch_size, columns=cols):
         if split is not None:
@@ -72,7 +74,18 @@ def search_batches(index, queries_path: str, k: int, batch_size: int, split: str
         qids = labels.column("image_id")
         if qids.null_count:
             raise VectorFileError(f"{queries_path}: image_id has null values")
-        yield qids.to_pylist(), vecs, index.search(vecs, k, model=meta.model)
+        yield qids.to_pylist(), vecs, meta.model
+
+
+def search_batches(index, queries_path: str, k: int, batch_size: int, split: str | None = None):
+    """Yield (query_ids, query vectors (n, D) float32, SearchHits) per batch of queries."""
+    for qids, vecs, model in query_batches(index, queries_path, batch_size, split):
+        yield qids, vecs, index.search(vecs, k, model=model)
+
+
+def _no_queries(args) -> ValueError:
+    return ValueError(f"{args.queries}: no queries to answer (the file has no rows"
+                      + (f" of split {args.split!r})" if args.split else ")"))
 
 
 def main(argv=None) -> int:
@@ -95,6 +108,12 @@ def main(argv=None) -> int:
         meta["rerank_params"] = rerank_params(config)
     print(f"index {args.index} version {index.version}: {len(index)} vectors in "
           f"{index.num_shards} shard(s), {index.manifest['index_type']}", flush=True)
+    if args.k > len(index):  # no more answers than vectors; a larger k would only allocate padding
+        print(f"note: --k {args.k} is more than the {len(index)} vectors of the index: "
+              f"answering {len(index)} per query", flush=True)
+        meta["k_requested"], meta["k"] = args.k, len(index)
+        args.k = len(index)
+        config = replace(config, topk=args.k)
     n = 0
     try:
         if config.methods != ("none",):
@@ -105,8 +124,7 @@ def main(argv=None) -> int:
                 n += len(qids)
                 print(f"{n} queries", flush=True)
             if n == 0:
-                raise ValueError(f"{args.queries}: no queries to answer (the file has no rows"
-                                 + (f" of split {args.split!r})" if args.split else ")"))
+                raise _no_queries(args)
     finally:
         index.close()
     print(f"wrote {w.rows} rows for {n} queries to {args.out}")
@@ -114,49 +132,65 @@ def main(argv=None) -> int:
 
 
 def answer_reranked(index, args, config, meta) -> int:
-    """Search + re-rank all queries at once (k-reciprocal compares queries with each other)."""
+    """Search + re-rank. k-reciprocal compares the queries with each other (its union is queries
+    and gallery), so it takes all queries at once; QE, DBA and diffusion treat each query on its
+    own and stream the queries batch by batch (the gallery side is prepared once)."""
     import time
 
     import numpy as np
 
+    from index.rerank.backends import PreparedGallery, load_index_vectors, result_scores
     from contracts.results import ResultsWriter, make_results_table
-    from contracts.vectors import VectorFileError, read_vectors
-    from index.rerank.backends import load_index_vectors, rerank_with_search, result_scores
 
     t0 = time.perf_counter()
-    queries = read_vectors(args.queries, kind="embeddings", split=args.split, expect_dim=None)
-    index.check_model(queries.meta.model)
-    if queries.meta.dim != index.query_dim(queries.meta.model):
-        raise VectorFileError(f"{args.queries}: query dimension {queries.meta.dim} does not match index "
-                              f"dimension {index.query_dim(queries.meta.model)}")
-    if len(queries) == 0:
-        raise VectorFileError(f"{args.queries}: no queries" + (f" of split {args.split!r}" if args.split else ""))
+    batches = query_batches(index, args.queries, args.batch_size, args.split)
+    if "kreciprocal" in config.methods:
+        batches = _all_at_once(batches)
+    first = next(batches, None)
+    if first is None:
+        raise _no_queries(args)
     gallery = load_index_vectors(index, args.gallery_vectors)
     items, _ = index.lookup(np.arange(len(index)))
     keep = items != "-1"
-    print(f"re-ranking {len(queries)} queries against {int(keep.sum())} gallery vectors "
-          f"({len(index) - int(keep.sum())} junk left out) with {meta['rerank']}", flush=True)
+    print(f"re-ranking against {int(keep.sum())} gallery vectors ({len(index) - int(keep.sum())} junk "
+          f"left out) with {meta['rerank']}", flush=True)
 
     def search(x, k):
         hits = index.search(x, k, labels=False)
         return hits.scores, hits.ids
 
-    q = index.to_index_space(queries.vectors, queries.meta.model)  # whitened if the index is
-    result = rerank_with_search(q, gallery, config, search, keep)
-    scores = result_scores(result, config)
-    r_items, r_images = index.lookup(result.ids)
-    meta["rerank_seconds"] = round(time.perf_counter() - t0, 3)
+    prepared = PreparedGallery(gallery, config, search, keep)
     meta["score"] = "negated k-reciprocal distance" if "kreciprocal" in config.methods else \
-        "cosine of the expanded vectors"
-    qids = list(queries.image_ids)
+        "negated diffusion distance" if "diffusion" in config.methods else "cosine of the expanded vectors"
+    n = 0
     with ResultsWriter(args.out, meta) as w:
-        for s in range(0, len(qids), args.batch_size):
-            e = min(s + args.batch_size, len(qids))
-            w.write(make_results_table(qids[s:e], r_items[s:e], None if r_images is None else r_images[s:e],
-                                       scores[s:e], result.ids[s:e] >= 0))
-    print(f"wrote {w.rows} rows for {len(qids)} queries to {args.out} "
-          f"(re-ranked in {meta['rerank_seconds']:.1f}s)")
+        for qids, vecs, model in _chain(first, batches):
+            result = prepared.rerank(index.to_index_space(vecs, model))  # whitened if the index is
+            scores = result_scores(result, config)
+            r_items, r_images = index.lookup(result.ids)
+            for s in range(0, len(qids), args.batch_size):  # parts of at most one batch
+                e = min(s + args.batch_size, len(qids))
+                w.write(make_results_table(qids[s:e], r_items[s:e], None if r_images is None else r_images[s:e],
+                                           scores[s:e], result.ids[s:e] >= 0))
+            n += len(qids)
+            print(f"{n} queries", flush=True)
+        meta["rerank_seconds"] = round(time.perf_counter() - t0, 3)
+    print(f"wrote {w.rows} rows for {n} queries to {args.out} (re-ranked in {meta['rerank_seconds']:.1f}s)")
     return 0
+
+
+def _all_at_once(batches):
+    """The query batches joined into one (k-reciprocal's union holds every query)."""
+    import numpy as np
+
+    parts = list(batches)
+    if parts:
+        yield [q for p in parts for q in p[0]], np.concatenate([p[1] for p in parts]), parts[0][2]
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from contracts.vectors import (
     VectorFileError,
     check_schema,
+    check_unique_file,
     detect_kind,
     iter_vector_batches,
     open_dataset,
@@ -318,6 +319,14 @@ def train_template(factory: str, dim: int, sample: np.ndarray, cfg: BuildConfig,
     if not index.is_trained:
         if len(sample) == 0:
             raise IndexBuildError(f"{factory} needs training vectors but the sample is empty")
+        pq_bits = re.search(r"PQ\d+(?:x(\d+))?", factory)
+        need = 2 ** int(pq_bits.group(1) or 8) if pq_bits else 0
+        if len(sample) < need:  # faiss' k-means of each sub-quantizer: 2^bits centroids
+            raise IndexBuildError(f"{factory}: PQ codes need at least {need} training vectors, the source "
+                                  f"has {len(sample)}: use ivf, hnsw or flat")
+        if is_ivf(factory) and len(sample) < faiss.extract_index_ivf(index).nlist:
+            raise IndexBuildError(f"{factory} has {faiss.extract_index_ivf(index).nlist} inverted lists but "
+                                  f"only {len(sample)} vectors to train them: use fewer lists or flat")
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
     if is_ivf(factory):
         faiss.extract_index_ivf(index).clustering_index = None
@@ -347,6 +356,17 @@ def _load_build_whitening(cfg: BuildConfig, meta):
     return w
 
 
+def _recall_record(recall: float | None, cfg: BuildConfig, n_eval: int) -> dict:
+    """The manifest's "recall": a recall@k only when it was measured on eval queries."""
+    out = {"target": cfg.target_recall, "eval_queries": int(n_eval),
+           "method": "held-back sample of the vectors as queries (added after tuning) vs exact search"}
+    if recall is None:
+        out.update(target_met=None, method="not measured: no vector to hold back as a query")
+    else:
+        out.update({f"recall@{cfg.recall_k}": float(recall), "target_met": bool(recall >= cfg.target_recall)})
+    return out
+
+
 def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConfig(),
                 publish: bool = True, version: str | None = None, progress=None) -> BuildResult:
     """Build a new version of ``root/name`` from the Parquet file/dir `vectors`.
@@ -367,6 +387,12 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
     n_total = ds.count_rows()
     if n_total == 0:
         raise IndexBuildError(f"{vectors}: no vectors to index")
+    if cfg.eval_queries < 1:
+        raise IndexBuildError(f"eval_queries must be >= 1, got {cfg.eval_queries}: the recorded "
+                              "recall (and nprobe / efSearch) is measured on them")
+    # one row per image (embeddings) or per item (centroids): a duplicate would be indexed
+    # twice and answer twice (two copies of a shard: every id two rows)
+    check_unique_file(vectors, kind)
     dim, model = meta.dim, meta.model
     whitening = _load_build_whitening(cfg, meta) if cfg.whitening else None
     if whitening is not None:
@@ -399,7 +425,10 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
         nlist = int(re.search(r"IVF(\d+)", factory).group(1))
         n_train = min(n_total, max(nlist * cfg.train_points_per_list, 10_000 if "PQ" in factory else 0),
                       max(cfg.max_train_points, nlist * 39))
-    n_eval = 0 if exact else min(cfg.eval_queries, n_total)
+    # held back while tuning, so at most half the vectors: holding back all of a small set
+    # (<= eval_queries vectors) left the shards empty ("merge_topk: no shard results").
+    # Measured for exact Flat too: the manifest's recall is what a search achieved, never assumed.
+    n_eval = min(cfg.eval_queries, n_total // 2)
     train = BottomKSample(n_train, dim, rng)
     evalq = BottomKSample(n_eval, dim, rng)
     if n_train or n_eval:
@@ -472,10 +501,10 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
             raise IndexBuildError(f"{vectors}: read {offset} rows but the metadata counts {n_total}")
         timings["add_s"] = time.perf_counter() - t
 
-        # tune nprobe / efSearch on the held-out queries
+        # tune nprobe / efSearch on the held-out queries (Flat: measure only)
         t = time.perf_counter()
-        if exact:
-            params, recall = {}, 1.0
+        if n_eval == 0:  # a single vector: nothing to measure against, nothing recorded
+            params, recall = {}, None
         else:
             params, recall = tune_search_params(indexes, factory, eval_vecs, eval_ids, gt[1],
                                                 cfg.target_recall, cfg.recall_k)
@@ -515,10 +544,7 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
             "has_image_ids": has_image,
             "source": [os.path.abspath(vectors) if "://" not in vectors else vectors],
             "search_params": params,
-            "recall": {f"recall@{cfg.recall_k}": float(recall), "target": cfg.target_recall,
-                       "target_met": bool(recall >= cfg.target_recall), "eval_queries": int(n_eval),
-                       "method": "held-back sample of the vectors as queries (added after tuning) "
-                                 "vs exact search"},
+            "recall": _recall_record(recall, cfg, n_eval),
             **extra,
             "build": {"seconds": round(time.perf_counter() - t0, 3), "gpu": gpu,
                       "faiss_version": faiss.__version__,

@@ -176,8 +176,9 @@ class _LocalShards:
         def one(idx):
             if idx.ntotal == 0:
                 q = len(queries)
-                return np.full((q, k), -np.inf, np.float32), np.full((q, k), PAD_ID, np.int64)
-            return idx.search(queries, k)
+                return np.full((q, 1), -np.inf, np.float32), np.full((q, 1), PAD_ID, np.int64)
+            # faiss allocates (Q, k) whatever the shard holds: never ask for more than it has
+            return idx.search(queries, min(k, idx.ntotal))
 
         return list(self._pool.map(one, self.indexes))
 
@@ -239,8 +240,8 @@ class ShardActor:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.index.ntotal == 0:
             q = len(queries)
-            return np.full((q, k), -np.inf, np.float32), np.full((q, k), PAD_ID, np.int64)
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            return np.full((q, 1), -np.inf, np.float32), np.full((q, 1), PAD_ID, np.int64)
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, self.index.ntotal))
 
 
 class ShardedIndex:
@@ -337,9 +338,12 @@ class ShardedIndex:
     def search(self, queries: np.ndarray, k: int, labels: bool = True, model: str | None = None
                ) -> SearchHits:
         """Top-k over all shards. queries: (Q, D) float32, L2-normalised. Returns SearchHits
-        with (Q, k) arrays; with labels=True also item_ids / image_ids."""
+        with (Q, min(k, len(self))) arrays (an index of N vectors has no more than N answers,
+        and a k beyond that would only allocate padding); with labels=True also item_ids /
+        image_ids."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        k = min(int(k), max(1, len(self)))
         q = self.check_queries(queries, model)
         if len(q) == 0:
             hits = SearchHits(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))

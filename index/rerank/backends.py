@@ -23,54 +23,20 @@ served by Ray actors live in other processes.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from index.rerank.kreciprocal import (
+from index.rerank.kreciprocal import (  # noqa: F401  (filtered_search_fn: re-exported, it lived here)
     RerankConfig,
     RerankResult,
     SearchFn,
+    filtered_search_fn,
     k_reciprocal_sparse,
     union_search_fn,
 )
 
 JUNK_ITEM = "-1"
-
-
-def filtered_search_fn(search: SearchFn, keep: np.ndarray, growth: int = 4) -> SearchFn:
-    """A search over the kept rows only, from a search over all G rows.
-
-    search(x, k) -> (scores, ids) over G rows; keep: (G,) bool. The returned search answers
-    with ids renumbered 0..K-1 in kept order (K = keep.sum()), -1 / -inf where fewer than k
-    kept rows exist. Rows whose list the filter leaves short are searched again with
-    `growth` times more neighbours until full or the whole gallery was listed."""
-    keep = np.asarray(keep, bool)
-    g = len(keep)
-    new_id = np.full(g, -1, np.int64)
-    new_id[keep] = np.arange(int(keep.sum()))
-    n_keep = int(keep.sum())
-
-    def search_kept(x: np.ndarray, k: int):
-        k = max(1, min(k, n_keep))
-        out_s = np.full((len(x), k), -np.inf, np.float32)
-        out_i = np.full((len(x), k), -1, np.int64)
-        todo = np.arange(len(x))
-        fetch = min(g, k + max(16, k))
-        while len(todo):
-            sc, ids = search(np.ascontiguousarray(x[todo], np.float32), fetch)
-            sc, ids = np.asarray(sc, np.float32), np.asarray(ids, np.int64)
-            mapped = np.where(ids >= 0, new_id[np.maximum(ids, 0)], -1)
-            ok = mapped >= 0
-            order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # kept entries first, in rank order
-            got = np.take_along_axis(ok, order, axis=1)
-            done = (got.sum(axis=1) >= k) | (fetch >= g) | (ids[:, -1] < 0)
-            rows = todo[done]
-            out_i[rows] = np.where(got, np.take_along_axis(mapped, order, axis=1), -1)[done]
-            out_s[rows] = np.where(got, np.take_along_axis(sc, order, axis=1), -np.inf)[done]
-            todo = todo[~done]
-            fetch = min(g, fetch * growth)
-        return out_s, out_i
-
-    return search_kept
 
 
 def rescored_search_fn(search: SearchFn, vectors: np.ndarray, factor: int = 4) -> SearchFn:
@@ -99,6 +65,77 @@ def rescored_search_fn(search: SearchFn, vectors: np.ndarray, factor: int = 4) -
     return search_new
 
 
+class PreparedGallery:
+    """The gallery side of re-ranking, done once: junk filtered out of the search, DBA applied
+    (then the index's lists re-scored with the augmented vectors), the diffusion graph built on
+    first use. `rerank(query)` then answers any number of query batches: QE, k-reciprocal and
+    diffusion treat each query on its own except k-reciprocal, whose union is the batch given.
+
+    gallery: (G, D) float32 L2-normalised; gallery_search over those G rows (e.g. the sharded
+    index); gallery_keep: (G,) bool, False for rows that take no part (junk)."""
+
+    def __init__(self, gallery: np.ndarray, config: RerankConfig, gallery_search: SearchFn,
+                 gallery_keep: np.ndarray | None = None, rescore_factor: int = 4):
+        from index.rerank import expansion
+
+        keep = None if gallery_keep is None else np.asarray(gallery_keep, bool)
+        if keep is not None and keep.shape != (len(gallery),):
+            raise ValueError(f"gallery_keep has shape {keep.shape}, expected ({len(gallery)},)")
+        if keep is not None and keep.all():
+            keep = None
+        if keep is None:
+            rows, g, search = np.arange(len(gallery)), np.asarray(gallery, np.float32), gallery_search
+        else:
+            rows = np.flatnonzero(keep)
+            g = np.ascontiguousarray(gallery[rows], np.float32)
+            search = filtered_search_fn(gallery_search, keep)
+        if len(g) == 0:
+            raise ValueError("gallery is empty after removing junk items")
+        # lists of min(topk, G): a larger topk would only allocate padding (k=10^7 on 146 vectors)
+        config = replace(config, topk=min(config.topk, len(g)))
+        if "dba" in config.methods:
+            g = expansion.database_augmentation(g, config.dba_n, alpha=config.dba_alpha, search_fn=search)
+            search = rescored_search_fn(search, g, rescore_factor)
+        self.config, self.rows, self.g, self.search = config, rows, g, search
+        self.graph = None
+
+    def rerank(self, query: np.ndarray) -> RerankResult:
+        """RerankResult for query (Q, D) float32: ids = gallery rows, (Q, min(topk, kept G))."""
+        from index.rerank import expansion
+
+        config, g, search, rows = self.config, self.g, self.search, self.rows
+        methods = set(config.methods)
+        q = np.ascontiguousarray(query, np.float32)
+        if "aqe" in methods or "alpha-qe" in methods:
+            alpha = config.alpha if "alpha-qe" in methods else 0.0
+            q = expansion.query_expansion(q, g, config.qe_n, alpha=alpha, search_fn=search)
+        if "kreciprocal" in methods:
+            res = k_reciprocal_sparse(q, g, config.k1, config.k2, config.lambda_value, topk=config.topk,
+                                      candidates=config.candidates, max_distance=config.max_distance,
+                                      search_fn=union_search_fn(q, search), gallery_search_fn=search)
+            res.ids = np.where(res.ids >= 0, rows[np.maximum(res.ids, 0)], -1)
+            return res
+        if "diffusion" in methods:
+            from index.rerank.diffusion import diffusion_rerank, knn_graph
+
+            if self.graph is None:
+                self.graph = knn_graph(g, search, config.diffusion_k, config.diffusion_gamma)
+            scores, ids = diffusion_rerank(q, g, search, config.topk, config.diffusion_k,
+                                           config.diffusion_alpha, config.diffusion_gamma,
+                                           config.diffusion_query_k, config.diffusion_truncate,
+                                           graph=self.graph)
+            dist = np.where(ids >= 0, -scores, np.inf).astype(np.float32)  # distance = -diffusion score
+        else:
+            scores, ids = search(q, config.topk)
+            ids = np.asarray(ids, np.int64)
+            dist = np.where(ids >= 0, 2.0 - 2.0 * np.asarray(scores, np.float32), np.inf).astype(np.float32)
+        pad = config.topk - ids.shape[1]
+        if pad > 0:
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+            dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
+        return RerankResult(np.where(ids >= 0, rows[np.maximum(ids, 0)], -1), dist, np.ones(len(q), bool))
+
+
 def rerank_with_search(query: np.ndarray, gallery: np.ndarray, config: RerankConfig,
                        gallery_search: SearchFn, gallery_keep: np.ndarray | None = None,
                        rescore_factor: int = 4) -> RerankResult:
@@ -107,53 +144,9 @@ def rerank_with_search(query: np.ndarray, gallery: np.ndarray, config: RerankCon
 
     gallery_keep: (G,) bool, False for rows that take no part (junk). Returns RerankResult with
     ids = gallery rows (-1 padding) and distances: k-reciprocal final distances, or 2 - 2 cos
-    of the (expanded / augmented) vectors without k-reciprocal. config.topk results per query."""
-    from index.rerank import expansion
-
-    methods = set(config.methods)
-    query = np.ascontiguousarray(query, np.float32)
-    keep = None if gallery_keep is None else np.asarray(gallery_keep, bool)
-    if keep is not None and keep.shape != (len(gallery),):
-        raise ValueError(f"gallery_keep has shape {keep.shape}, expected ({len(gallery)},)")
-    if keep is not None and keep.all():
-        keep = None
-    if keep is None:
-        rows, g, search = np.arange(len(gallery)), np.asarray(gallery, np.float32), gallery_search
-    else:
-        rows = np.flatnonzero(keep)
-        g = np.ascontiguousarray(gallery[rows], np.float32)
-        search = filtered_search_fn(gallery_search, keep)
-    if len(g) == 0:
-        raise ValueError("gallery is empty after removing junk items")
-    if "dba" in methods:
-        g = expansion.database_augmentation(g, config.dba_n, alpha=config.dba_alpha, search_fn=search)
-        search = rescored_search_fn(search, g, rescore_factor)
-    q = query
-    if "aqe" in methods or "alpha-qe" in methods:
-        alpha = config.alpha if "alpha-qe" in methods else 0.0
-        q = expansion.query_expansion(q, g, config.qe_n, alpha=alpha, search_fn=search)
-    if "kreciprocal" in methods:
-        res = k_reciprocal_sparse(q, g, config.k1, config.k2, config.lambda_value, topk=config.topk,
-                                  candidates=config.candidates, max_distance=config.max_distance,
-                                  search_fn=union_search_fn(q, search))
-        res.ids = np.where(res.ids >= 0, rows[np.maximum(res.ids, 0)], -1)
-        return res
-    if "diffusion" in methods:
-        from index.rerank.diffusion import diffusion_rerank
-
-        scores, ids = diffusion_rerank(q, g, search, config.topk, config.diffusion_k,
-                                       config.diffusion_alpha, config.diffusion_gamma,
-                                       config.diffusion_query_k, config.diffusion_truncate)
-        dist = np.where(ids >= 0, -scores, np.inf).astype(np.float32)  # distance = -diffusion score
-    else:
-        scores, ids = search(q, min(config.topk, len(g)))
-        ids = np.asarray(ids, np.int64)
-        dist = np.where(ids >= 0, 2.0 - 2.0 * np.asarray(scores, np.float32), np.inf).astype(np.float32)
-    pad = config.topk - ids.shape[1]
-    if pad > 0:
-        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
-    return RerankResult(np.where(ids >= 0, rows[np.maximum(ids, 0)], -1), dist, np.ones(len(q), bool))
+    of the (expanded / augmented) vectors without k-reciprocal. (Q, min(config.topk, kept G))
+    arrays: every query gets that many results, however many more queries than gallery rows."""
+    return PreparedGallery(gallery, config, gallery_search, gallery_keep, rescore_factor).rerank(query)
 
 
 def result_scores(result: RerankResult, config: RerankConfig) -> np.ndarray:

@@ -501,9 +501,10 @@ def diffusion_rerank(query: np.ndarray, gallery: np.ndarray, search, topk: int =
     Galleries up to `full_max` vectors: online diffusion on the whole graph (`diffuse`);
     larger ones: truncated diffusion on each query's top-`truncate` list (`diffuse_truncated`),
     whose cost does not grow with G. Lists are completed with not-reached entries (score 0) in
-    cosine order. Returns (scores (Q, topk) float32 descending, ids (Q, topk) int64 gallery
-    rows, -1 / -inf only where the gallery has fewer than topk entries)."""
+    cosine order. Returns (scores (Q, min(topk, G)) float32 descending, ids (Q, min(topk, G))
+    int64 gallery rows; -1 / -inf only where the search listed fewer)."""
     g_n = len(gallery)
+    topk = min(topk, g_n)  # no more answers than gallery vectors (a huge k only pads)
     if graph is None:
         graph = knn_graph(gallery, search, k, gamma)
     truncated = g_n > full_max

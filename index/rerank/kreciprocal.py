@@ -31,7 +31,7 @@ vectors first, then re-rank the new vectors, or call `rerank` with a `RerankConf
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -386,6 +386,43 @@ def union_search_fn(query: np.ndarray, gallery_search: SearchFn) -> SearchFn:
     return search
 
 
+def filtered_search_fn(search: SearchFn, keep: np.ndarray, growth: int = 4) -> SearchFn:
+    """A search over the kept rows only, from a search over all G rows.
+
+    search(x, k) -> (scores, ids) over G rows; keep: (G,) bool. The returned search answers
+    with ids renumbered 0..K-1 in kept order (K = keep.sum()), -1 / -inf where fewer than k
+    kept rows exist. Rows whose list the filter leaves short are searched again with
+    `growth` times more neighbours until full or the whole gallery was listed."""
+    keep = np.asarray(keep, bool)
+    g = len(keep)
+    new_id = np.full(g, -1, np.int64)
+    new_id[keep] = np.arange(int(keep.sum()))
+    n_keep = int(keep.sum())
+
+    def search_kept(x: np.ndarray, k: int):
+        k = max(1, min(k, n_keep))
+        out_s = np.full((len(x), k), -np.inf, np.float32)
+        out_i = np.full((len(x), k), -1, np.int64)
+        todo = np.arange(len(x))
+        fetch = min(g, k + max(16, k))
+        while len(todo):
+            sc, ids = search(np.ascontiguousarray(x[todo], np.float32), fetch)
+            sc, ids = np.asarray(sc, np.float32), np.asarray(ids, np.int64)
+            mapped = np.where(ids >= 0, new_id[np.maximum(ids, 0)], -1)
+            ok = mapped >= 0
+            order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # kept entries first, in rank order
+            got = np.take_along_axis(ok, order, axis=1)
+            done = (got.sum(axis=1) >= k) | (fetch >= g) | (ids[:, -1] < 0)
+            rows = todo[done]
+            out_i[rows] = np.where(got, np.take_along_axis(mapped, order, axis=1), -1)[done]
+            out_s[rows] = np.where(got, np.take_along_axis(sc, order, axis=1), -np.inf)[done]
+            todo = todo[~done]
+            fetch = min(g, fetch * growth)
+        return out_s, out_i
+
+    return search_kept
+
+
 def _self_first(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Neighbour lists with the point itself at position 0, as an exact ranking has it (an
     approximate index may miss it, and duplicates may come before it)."""
@@ -458,14 +495,22 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
                         lambda_value: float = 0.3, *, topk: int = 100, candidates: int | None = None,
                         search_fn: SearchFn | None = None, gallery_keep: np.ndarray | None = None,
                         max_distance: str | float = "auto", chunk: int = 4096,
-                        stats: dict | None = None) -> RerankResult:
-    """Scalable k-reciprocal re-ranking from neighbour lists; returns top-k lists per query.
+                        stats: dict | None = None, gallery_search_fn: SearchFn | None = None
+                        ) -> RerankResult:
+    """Scalable k-reciprocal re-ranking from neighbour lists; returns top-k lists per query
+    ((Q, min(topk, kept G)) arrays, every entry filled when the searches list that many).
 
     query: (Q, D), gallery: (G, D) float32 L2-normalised. search_fn: inner-product search over
     the union U = [query; kept gallery] (row numbers: queries 0..Q-1, then kept gallery rows in
-    order); None builds an exact faiss.IndexFlatIP over U (see flat_search_fn, union_search_fn).
-    candidates: neighbours per query scored besides its Jaccard overlap set (default
-    max(k1 + 1, 2 * topk)). gallery_keep: (G,) bool, False for junk (takes no part).
+    order); None builds it from `gallery_search_fn` (see union_search_fn).
+    gallery_search_fn: inner-product search over the kept gallery rows alone (row numbers 0..,
+    in kept order); None: an exact faiss.IndexFlatIP when search_fn is None too, else the
+    gallery entries filtered out of search_fn's lists (more searches when queries crowd them
+    out: pass the gallery search when there is one).
+    candidates: gallery neighbours per query scored besides its Jaccard overlap set (default
+    max(k1 + 1, 2 * topk)); they come from the gallery search, not the union's, so that every
+    query ranks min(topk, G) gallery rows even when its union neighbours are all other queries
+    (many more queries than gallery vectors). gallery_keep: (G,) bool, False for junk.
     max_distance: "auto" (default) is "search" up to AUTO_SEARCH_MAX points of U and "sample"
     above; "search" finds each point's largest distance (the reference's row
     normaliser) with one k=1 search of -x; "sample" takes the largest distance to a random
@@ -496,18 +541,29 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     x = np.concatenate([query, gallery[gallery_rows]]) if keep is not None else np.concatenate([query, gallery])
     n_q, n = len(query), len(x)
     candidates = max(k1 + 1, 2 * topk) if candidates is None else max(int(candidates), k1 + 1)
+    n_g = n - n_q
     if search_fn is None:
-        search_fn = flat_search_fn(x)
+        gallery_search_fn = gallery_search_fn or flat_search_fn(x[n_q:])
+        search_fn = union_search_fn(query, gallery_search_fn)
+    elif gallery_search_fn is None:
+        union_search = search_fn
 
-    # neighbour lists: every point needs its first max(k1+1, k2); queries also `candidates`
+        def gallery_search_fn(v, k):  # union ids >= Q are the gallery's, renumbered from 0
+            return filtered_search_fn(union_search, np.arange(n) >= n_q)(v, k)
+
+    # neighbour lists over the union: every point needs its first max(k1+1, k2)
     k_all = min(max(k1 + 1, k2), n)
-    _, q_ids = search_fn(query, min(candidates, n))
-    q_ids = _self_first(np.asarray(q_ids, np.int64), np.arange(n_q))
     nn = np.empty((n, k_all), np.int64)
-    nn[:n_q] = q_ids[:, :k_all]
-    for rows in _row_chunks(n - n_q, 65536):
-        _, ids = search_fn(x[n_q + rows], k_all)
-        nn[n_q + rows] = _self_first(np.asarray(ids, np.int64), n_q + rows)
+    for rows in _row_chunks(n, 65536):
+        _, ids = search_fn(x[rows], k_all)
+        nn[rows] = _self_first(np.asarray(ids, np.int64), rows)
+    # each query's candidates: its nearest GALLERY rows (union row numbers), -1 padded
+    n_cand = min(candidates, n_g)
+    q_ids = np.full((n_q, n_cand), -1, np.int64)
+    for rows in _row_chunks(n_q, 65536):
+        _, ids = gallery_search_fn(query[rows], n_cand)
+        ids = np.asarray(ids, np.int64)[:, :n_cand]
+        q_ids[rows, :ids.shape[1]] = np.where(ids >= 0, ids + n_q, -1)
     lap("search")
 
     max_distance = resolve_max_distance(max_distance, n)
@@ -537,16 +593,16 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     cols = _columns(v, n_q, n)
     lap("encoding")
 
-    # bound on the final distance of anything outside a query's candidate list: at least
-    # (1 - lambda) + lambda * d(q, last listed point); recomputed from the vectors, since the
-    # search's scores may be approximate and _self_first may have dropped its last entry
+    # bound on the final distance of a gallery row outside a query's candidates and overlap
+    # set (Jaccard distance 1): at least (1 - lambda) + lambda * d(q, last candidate);
+    # recomputed from the vectors, since the search's scores may be approximate
     listed = (q_ids >= 0).sum(axis=1)
-    complete = listed >= n  # the list holds every point
+    complete = listed >= n_g  # the list holds every gallery row
     last = q_ids[np.arange(n_q), np.maximum(listed - 1, 0)]
-    bound = np.float32(1 - lambda_value) + np.float32(lambda_value) * pair_dist(np.arange(n_q), last)
-    bound[listed < q_ids.shape[1]] = -np.inf  # a short list (approximate index) proves nothing
+    bound = np.float32(1 - lambda_value) + np.float32(lambda_value) * pair_dist(np.arange(n_q), np.maximum(last, 0))
+    bound[listed < n_cand] = -np.inf  # a short list (approximate index) proves nothing
 
-    k_out = topk
+    k_out = min(topk, n_g)  # G gallery rows have no more than G answers
     ids_out = np.full((n_q, k_out), -1, np.int64)
     dist_out = np.full((n_q, k_out), np.inf, np.float32)
     lam = np.float32(lambda_value)
@@ -555,7 +611,7 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
         cand = q_ids[qs]
         c_own = np.repeat(qs, cand.shape[1])
         c_g = cand.reshape(-1)
-        ok = c_g >= n_q
+        ok = c_g >= 0
         # overlap pairs first, so that np.unique keeps their t
         own = np.concatenate([pos, c_own[ok]])
         gg = np.concatenate([g, c_g[ok]])
@@ -634,8 +690,10 @@ def rerank(query: np.ndarray, gallery: np.ndarray, config: RerankConfig,
     """Re-rank L2-normalised query (Q, D) against gallery (G, D) float32 by `config`.
 
     search_factory(vectors) -> search_fn builds a search over a set of vectors (default exact
-    flat inner product). Returns top-k lists (RerankResult); without k-reciprocal the
-    distances are 2 - 2 cos of the (expanded) vectors and `certified` is all True.
+    flat inner product). Returns top-k lists (RerankResult): min(topk, kept gallery) entries
+    for every query; with diffusion the distances are the negated diffusion scores, without
+    k-reciprocal or diffusion 2 - 2 cos of the (expanded) vectors; `certified` is all True
+    except where k-reciprocal says otherwise.
     """
     from index.rerank import expansion
 
@@ -644,6 +702,10 @@ def rerank(query: np.ndarray, gallery: np.ndarray, config: RerankConfig,
     rows = np.flatnonzero(keep) if keep is not None else np.arange(len(gallery))
     g = np.ascontiguousarray(gallery[rows], np.float32)
     q = np.ascontiguousarray(query, np.float32)
+    if len(g) == 0:
+        raise ValueError("gallery is empty after removing junk items")
+    # lists of min(topk, G): a larger topk would only allocate padding (k=10^7 on 146 vectors)
+    config = replace(config, topk=min(config.topk, len(g)))
     if "dba" in methods:
         g = expansion.database_augmentation(g, config.dba_n, alpha=config.dba_alpha,
                                             search_fn=search_factory(g))
@@ -654,12 +716,20 @@ def rerank(query: np.ndarray, gallery: np.ndarray, config: RerankConfig,
     if "kreciprocal" in methods:
         res = k_reciprocal_sparse(q, g, config.k1, config.k2, config.lambda_value, topk=config.topk,
                                   candidates=config.candidates, max_distance=config.max_distance,
-                                  search_fn=union_search_fn(q, g_search))
+                                  search_fn=union_search_fn(q, g_search), gallery_search_fn=g_search)
         res.ids = np.where(res.ids >= 0, rows[np.maximum(res.ids, 0)], -1)
         return res
-    scores, ids = g_search(q, min(config.topk, len(g)))
-    ids = np.asarray(ids, np.int64)
-    dist = np.where(ids >= 0, 2.0 - 2.0 * scores, np.inf).astype(np.float32)
+    if "diffusion" in methods:
+        from index.rerank.diffusion import diffusion_rerank
+
+        scores, ids = diffusion_rerank(q, g, g_search, config.topk, config.diffusion_k,
+                                       config.diffusion_alpha, config.diffusion_gamma,
+                                       config.diffusion_query_k, config.diffusion_truncate)
+        dist = np.where(ids >= 0, -scores, np.inf).astype(np.float32)  # distance = -diffusion score
+    else:
+        scores, ids = g_search(q, min(config.topk, len(g)))
+        ids = np.asarray(ids, np.int64)
+        dist = np.where(ids >= 0, 2.0 - 2.0 * scores, np.inf).astype(np.float32)
     pad = config.topk - ids.shape[1]
     if pad > 0:
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
