@@ -331,8 +331,8 @@ def scan_manifest(root: str, file: str, query_per_item: int = 1, train_fraction:
         row = {"image_id": rel, "item_id": str(item), "camera_id": cam, "path": rel}
         if splits is not None:
             if splits[i] not in SPLITS:
-                scan.rejected.append((rel, f"row {line}: split {splits[i]!r} is not one of "
-                                           f"{', '.join(SPLITS)}"))
+                why = f"row {line}: split {splits[i]!r} is not one of {', '.join(SPLITS)}"
+                scan.rejected.append((rel, why))
                 continue
             row["split"] = splits[i]
         if not os.path.isfile(os.path.join(root, *rel.split("/"))):

@@ -388,7 +388,7 @@ def test_manifest_row_symlinked_out_of_root_is_rejected_alone(tmp_path, capsys):
     os.symlink(tmp_path / "outside" / "x.jpg", root / "img" / "link.jpg")
     (root / "m.csv").write_text("path,item_id\n" + "".join(f"img/{i}.jpg,{i // 2 + 1}\n" for i in range(4))
                                 + "img/link.jpg,2\n../outside/x.jpg,2\n")
-    code, out, err = cli(make_shards, ["--format", "manifest", "--root", str(root), "--manifest",
+    code, _out, err = cli(make_shards, ["--format", "manifest", "--root", str(root), "--manifest",
                                        str(root / "m.csv"), "--out", str(tmp_path / "O")], capsys)
     assert code == 0, err
     rejected = dict(zip(*pq.read_table(tmp_path / "O" / "rejected.parquet").to_pydict().values()))
