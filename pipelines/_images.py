@@ -72,7 +72,8 @@ def image_reader(spec: str, image_root: str | None = None, wanted: Iterable[str]
     from model.shards import iter_shard_samples
 
     found: dict[str, bytes] = {}
-    for _key, data, _ext, row in iter_shard_samples(shards, on_error=lambda url, e: None):
+    for _key, data, _ext, row in iter_shard_samples(shards, on_error=lambda url, e: None,
+                                                    on_bad_sample=lambda url, i, why: None):
         image_id = row.get("image_id")
         if image_id in wanted:
             found[image_id] = data
