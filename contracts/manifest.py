@@ -47,6 +47,30 @@ class ManifestError(ValueError):
     """A manifest that breaks the contract: missing column, wrong type, duplicate id, bad split."""
 
 
+def row_problem(row: object) -> str | None:
+    """Why one manifest row (a dict, e.g. a shard sample's JSON) breaks the contract, or None.
+
+    image_id and item_id non-empty strings, camera_id an int32 or null, split one of SPLITS,
+    path (when present) a non-empty string. Checked per row so a reader can turn just that row
+    into an error instead of failing on the whole batch.
+    """
+    if not isinstance(row, Mapping):
+        return f"manifest row is a {type(row).__name__}, not an object"
+    for name in ("image_id", "item_id"):
+        v = row.get(name)
+        if not isinstance(v, str) or not v:
+            return f"{name} {'missing' if name not in row else repr(v)}: not a non-empty string"
+    cam = row.get("camera_id")
+    if cam is not None and (not isinstance(cam, int) or isinstance(cam, bool)
+                            or not -2**31 <= cam < 2**31):
+        return f"camera_id {cam!r} is not an int32 integer or null"
+    if row.get("split") not in SPLITS:
+        return f"split {row.get('split')!r} is not one of {', '.join(SPLITS)}"
+    if "path" in row and (not isinstance(row["path"], str) or not row["path"]):
+        return f"path {row['path']!r} is not a non-empty string"
+    return None
+
+
 def make_manifest_table(rows: Iterable[Mapping]) -> pa.Table:
     """Rows (dicts with the five contract keys) -> validated manifest table sorted by image_id.
 

@@ -3,8 +3,10 @@
 A model is a directory holding
     model.pt     a plain state dict of `ReIDNet` (tensors only: torch.load(weights_only=True))
     config.json  the `ModelConfig` as JSON (enough to rebuild the network)
-Its id (`model_id`) is the first 16 hex digits of the sha256 of model.pt: stable for a given
-file, so embeddings and indexes can record which weights produced them.
+Its id (`model_id`) is the first 16 hex digits of a sha256 over model.pt's bytes AND the
+canonical form of its config (every ModelConfig field: input size, mean/std, pooling, backbone,
+...): the same weights read with another config give other embeddings, so they get another id.
+Embeddings and indexes record this id; incremental embedding, query and reindex compare it.
 
 The directory may be local or any URI pyarrow understands (s3://, gs://). It is written to a
 temporary name beside the target and renamed into place only when complete, so a reader never
@@ -35,7 +37,8 @@ __all__ = [
     "build_model",
     "load_model",
     "load_pretrained",
-    "model_id_from_bytes",
+    "model_id",
+    "read_model_id",
     "resolve_pretrained",
     "save_model",
 ]
@@ -63,9 +66,30 @@ def _read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def model_id_from_bytes(data: bytes) -> str:
-    """Stable short id of a model file: first 16 hex digits of its sha256."""
-    return hashlib.sha256(data).hexdigest()[:16]
+def model_id(weights: bytes, cfg: ModelConfig) -> str:
+    """Stable short id of a model: first 16 hex digits of sha256(weights file, canonical config).
+
+    The config enters in its validated canonical JSON (sorted keys, parsed values), so how
+    config.json happens to be formatted does not matter, but every field's value does.
+    """
+    h = hashlib.sha256(b"centroid-retrieval model v2\0")
+    h.update(hashlib.sha256(weights).digest())
+    h.update(cfg.to_json().encode())
+    return h.hexdigest()[:16]
+
+
+def _parse_config(cfg_bytes: bytes, directory: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_json(cfg_bytes.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"bad {CONFIG_FILE} in {directory}: {str(e).splitlines()[0]}") from None
+
+
+def read_model_id(directory: str) -> str:
+    """The id `load_model` would return, with config.json validated, without building the net."""
+    directory = str(directory).rstrip("/")
+    cfg = _parse_config(_read_bytes(f"{directory}/{CONFIG_FILE}"), directory)
+    return model_id(_read_bytes(f"{directory}/{MODEL_FILE}"), cfg)
 
 
 def _state_dict_bytes(net) -> bytes:
@@ -99,7 +123,7 @@ def save_model(net, cfg: ModelConfig, directory: str) -> str:
         with contextlib.suppress(OSError):
             fs.delete_dir(tmp)
         raise
-    return model_id_from_bytes(data)
+    return model_id(data, cfg)
 
 
 def _replace_local_dir(src: str, target: str) -> None:
@@ -128,10 +152,7 @@ def load_model(directory: str, device: str = "cpu") -> tuple[ReIDNet, ModelConfi
     directory = str(directory).rstrip("/")
     cfg_bytes = _read_bytes(f"{directory}/{CONFIG_FILE}")
     data = _read_bytes(f"{directory}/{MODEL_FILE}")
-    try:
-        cfg = ModelConfig.from_json(cfg_bytes.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"bad {CONFIG_FILE} in {directory}: {e}") from None
+    cfg = _parse_config(cfg_bytes, directory)
     try:
         sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt zip, pickled objects, truncated file
@@ -142,7 +163,7 @@ def load_model(directory: str, device: str = "cpu") -> tuple[ReIDNet, ModelConfi
     except RuntimeError as e:
         raise ValueError(f"{MODEL_FILE} in {directory} does not fit its config: "
                          f"{str(e).splitlines()[0]}") from None
-    return net.to(device).eval(), cfg, model_id_from_bytes(data)
+    return net.to(device).eval(), cfg, model_id(data, cfg)
 
 
 # ------------------------------------------------------------------------ pre-trained weights

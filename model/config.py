@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,9 @@ BACKBONE_DIMS = {
     "efficientnet_lite0": 1280,
 }
 POOLINGS = ("avg", "max", "gem", "rmac")
+# Largest input side: far above any ReID/retrieval input (256x128, 384x192), far below sizes whose
+# single test batch would exhaust memory before the first image is embedded.
+MAX_INPUT_SIDE = 4096
 
 
 @dataclass
@@ -57,13 +61,22 @@ class ModelConfig:
             raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if not (math.isfinite(self.gem_p) and self.gem_p > 0):
+            raise ValueError(f"gem_p must be a finite number > 0, got {self.gem_p}")
         self.input_size = tuple(int(v) for v in self.input_size)
-        if len(self.input_size) != 2 or min(self.input_size) < 16:
-            raise ValueError(f"input_size must be (H, W) with both >= 16, got {self.input_size}")
+        if len(self.input_size) != 2 or not all(16 <= v <= MAX_INPUT_SIDE for v in self.input_size):
+            raise ValueError(f"input_size must be (H, W) with both in [16, {MAX_INPUT_SIDE}], "
+                             f"got {self.input_size}")
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("mean and std must have 3 values, std > 0")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std must have 3 values (R, G, B), got {self.mean}, {self.std}")
+        # NaN passes every comparison: check finiteness first, or a NaN mean slips through and
+        # turns every image into the same vector
+        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in self.mean):
+            raise ValueError(f"mean must be 3 finite values in [0, 1], got {self.mean}")
+        if not all(math.isfinite(v) and v > 0.0 for v in self.std):
+            raise ValueError(f"std must be 3 finite values > 0, got {self.std}")
         dim = BACKBONE_DIMS[self.backbone]
         if self.embedding_dim not in (0, dim):
             raise ValueError(f"embedding_dim {self.embedding_dim} does not match backbone "
@@ -206,9 +219,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"config {key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"config {key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):  # JSON/YAML NaN and inf parse as floats; no setting means them
+            raise ValueError(f"config {key}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if value is None:
             return ""

@@ -296,7 +296,9 @@ def samples_from_shards(urls: Iterable[str], split: str | None = None,
     """Stream sample tables (<= `chunk` rows) from WebDataset shards via model.shards.
 
     An unreadable/truncated shard becomes one error row (image_id = the shard url, empty
-    bytes, so it is reported with its reason) after the shard's complete samples."""
+    bytes, so it is reported with its reason) after the shard's complete samples. A sample
+    whose JSON is bad or breaks the manifest row contract becomes an error row of its own
+    (image_id from the row, else from the key): corrupt input is never fatal."""
     from model.shards import iter_shard_samples
 
     bad: list[tuple[str, str]] = []
@@ -305,7 +307,11 @@ def samples_from_shards(urls: Iterable[str], split: str | None = None,
     def on_error(url, exc):
         bad.append((url, f"unreadable shard: {type(exc).__name__}: {exc}"))
 
-    for _key, data, _ext, row in iter_shard_samples(list(urls), on_error=on_error):
+    def on_bad_sample(url, image_id, reason):
+        bad.append((image_id, f"{reason} (in {url})"))
+
+    for _key, data, _ext, row in iter_shard_samples(list(urls), on_error=on_error,
+                                                    on_bad_sample=on_bad_sample):
         if split is not None and row.get("split") != split:
             continue
         rows.append(row)
@@ -320,7 +326,7 @@ def samples_from_shards(urls: Iterable[str], split: str | None = None,
 
 
 def shard_error_table(bad: Sequence[tuple[str, str]]) -> pa.Table:
-    """Error rows for whole shards (image_id = the shard url, read_error = why)."""
+    """Error rows (image_id = the shard url or the bad sample's id, read_error = why)."""
     return sample_table([{"image_id": u, "item_id": "", "camera_id": None, "split": None} for u, _ in bad],
                         [b""] * len(bad), [r for _, r in bad])
 

@@ -13,9 +13,10 @@ Adapters (each returns a `Scan`: manifest rows and (path, reason) rejections):
   the item folder); the item id is the folder name as written; no camera (null). Splits come
   from `assign_splits`.
 - ``scan_manifest(root, file, ...)``: a CSV or Parquet file with columns
-  ``path,item_id[,camera_id][,split]``; paths are relative to `root`. An absolute path, a
-  ``..`` that leaves the root, or a symlink that resolves outside it is refused (PathEscapeError).
-  Missing files are rejected; without a split column, `assign_splits` decides.
+  ``path,item_id[,camera_id][,split]``; paths are relative to `root`. A row with an absolute
+  path, a ``..`` that leaves the root, or a symlink that resolves outside it (`safe_relpath`),
+  a bad camera_id or split, or a missing file is rejected with its reason, like a bad file of
+  the other adapters; without a split column, `assign_splits` decides.
 
 `assign_splits` (folders, and manifests without a split column) is deterministic: items are
 sorted in natural order ("2" < "10"); the first round(train_fraction * n) items are train, the
@@ -27,10 +28,13 @@ image_id (and path) is the image's path relative to the dataset root, '/'-separa
 
 Checking (`check_image`): every image must be non-empty, identified by PIL, within
 `max_pixels` (a guard against decompression bombs, applied per call: the PIL global is never
-changed), pass ``verify()`` and decode fully with ``load()``. JPEG and PNG keep their original
-bytes; other formats PIL reads (BMP, GIF, TIFF, WebP, ...) are re-encoded losslessly to PNG
-because shards carry only ``jpg``/``png``. With ``resize=(H, W)`` every image is re-encoded
-(JPEG quality 95 for JPEG input, PNG otherwise).
+changed), pass ``verify()``, decode fully with ``load()`` and convert to upright 8-bit RGB with
+`model.transforms.upright_rgb` (what embed and training decode to; a mode it refuses is a
+rejection). JPEG and PNG keep their original bytes (EXIF orientation included); other formats
+PIL reads (BMP, GIF, TIFF, WebP, ...) are re-encoded to PNG from that upright RGB image
+(lossless for what the model sees) because shards carry only ``jpg``/``png``. With
+``resize=(H, W)`` every image is re-encoded from the upright RGB image (JPEG quality 95 for
+JPEG input, PNG otherwise), so the orientation is never lost with the EXIF block.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from model.config import MAX_INPUT_SIDE
 from contracts.manifest import (
     DISTRACTOR_ITEM,
     JUNK_ITEM,
@@ -54,6 +59,7 @@ from contracts.manifest import (
     write_manifest,
 )
 from model.shards import DEFAULT_SHARD_SIZE, write_shards
+from model.transforms import upright_rgb
 
 MARKET_FOLDERS = {"bounding_box_train": "train", "query": "query", "bounding_box_test": "gallery"}
 # PPPP_cC...: person id (or -1), camera number; the rest of the name is free (s, frame, box).
@@ -85,6 +91,14 @@ class CheckConfig:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     resize: tuple[int, int] | None = None  # (H, W)
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        # the same bound as a model's input size: every image is re-encoded at this size
+        if self.resize is not None and (len(self.resize) != 2
+                                        or not all(1 <= v <= MAX_INPUT_SIDE for v in self.resize)):
+            raise ValueError(f"--resize must be HxW with both in [1, {MAX_INPUT_SIDE}], got {self.resize}")
 
 
 @dataclass(frozen=True)
@@ -252,8 +266,9 @@ def read_manifest_file(file: str):
         if file.lower().endswith((".parquet", ".pq")):
             table = pq.read_table(file)
         else:
+            # camera_id read as text and checked per row: one bad cell rejects its row only
             types = {"path": pa.string(), "item_id": pa.string(), "split": pa.string(),
-                     "camera_id": pa.int32()}
+                     "camera_id": pa.string()}
             table = pacsv.read_csv(file, convert_options=pacsv.ConvertOptions(
                 column_types=types, strings_can_be_null=False))
     except (pa.ArrowInvalid, OSError) as e:
@@ -266,9 +281,27 @@ def read_manifest_file(file: str):
     return table
 
 
+def _camera_value(cam) -> tuple[int | None, str | None]:
+    """A manifest camera_id cell -> (int or None, None) or (None, why it is not an int32)."""
+    if cam is None or (isinstance(cam, str) and cam.strip() == ""):
+        return None, None
+    if isinstance(cam, str) and re.fullmatch(r"\s*-?\d+\s*", cam):
+        cam = int(cam)
+    if not isinstance(cam, int) or isinstance(cam, bool) or not -2**31 <= cam < 2**31:
+        return None, f"camera_id {cam!r} is not an int32 integer"
+    return cam, None
+
+
 def scan_manifest(root: str, file: str, query_per_item: int = 1, train_fraction: float = 0.5
                   ) -> Scan:
-    """An ingest manifest (CSV/Parquet: path,item_id[,camera_id][,split]) -> Scan."""
+    """An ingest manifest (CSV/Parquet: path,item_id[,camera_id][,split]) -> Scan.
+
+    A row that breaks the contract (a path that is absolute or leaves the root, by '..' or a
+    symlink; no item_id; a camera_id that is not an integer; an unknown split) or whose file
+    is missing is rejected with its reason, as --format folders rejects a bad file: one bad row
+    never stops the ingest. A path listed twice is an error of the whole file (which row's
+    labels hold is unknown).
+    """
     _require_dir(root)
     table = read_manifest_file(file)
     paths = table.column("path").to_pylist()
@@ -279,21 +312,28 @@ def scan_manifest(root: str, file: str, query_per_item: int = 1, train_fraction:
     rows, seen = [], {}
     for i, (p, item) in enumerate(zip(paths, items)):
         line = i + 1
-        rel = safe_relpath(root, p)
+        try:
+            rel = safe_relpath(root, p)
+        except PathEscapeError as e:
+            scan.rejected.append((str(p), str(e)))
+            continue
         if rel in seen:
             raise IngestError(f"manifest file {file}: path {rel!r} appears twice "
                               f"(rows {seen[rel]} and {line})")
         seen[rel] = line
         if item is None or str(item) == "":
-            raise IngestError(f"manifest file {file}: row {line} ({p!r}) has no item_id")
-        cam = cams[i] if cams is not None else None
-        if cam is not None and (not isinstance(cam, int) or isinstance(cam, bool)):
-            raise IngestError(f"manifest file {file}: row {line} camera_id {cam!r} is not an integer")
+            scan.rejected.append((rel, f"row {line} has no item_id"))
+            continue
+        cam, why = _camera_value(cams[i] if cams is not None else None)
+        if why:
+            scan.rejected.append((rel, f"row {line}: {why}"))
+            continue
         row = {"image_id": rel, "item_id": str(item), "camera_id": cam, "path": rel}
         if splits is not None:
             if splits[i] not in SPLITS:
-                raise IngestError(f"manifest file {file}: row {line} split {splits[i]!r} is not "
-                                  f"one of {', '.join(SPLITS)}")
+                why = f"row {line}: split {splits[i]!r} is not one of {', '.join(SPLITS)}"
+                scan.rejected.append((rel, why))
+                continue
             row["split"] = splits[i]
         if not os.path.isfile(os.path.join(root, *rel.split("/"))):
             scan.rejected.append((rel, "file not found"))
@@ -323,11 +363,12 @@ def check_image(data: bytes, config: CheckConfig = CheckConfig()) -> CheckedImag
                 im.verify()
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
+                rgb = upright_rgb(im)  # refuses what embed could not convert faithfully
                 if config.resize is None and fmt in ("JPEG", "MPO"):
                     return CheckedImage(True, data, "jpg")
                 if config.resize is None and fmt == "PNG":
                     return CheckedImage(True, data, "png")
-                return _reencode(im, fmt, config.resize)
+                return _reencode(rgb, fmt, config.resize)
     except UnidentifiedImageError:
         return CheckedImage(False, reason="not an image (PIL cannot identify the format)")
     except Image.DecompressionBombError as e:
@@ -337,25 +378,18 @@ def check_image(data: bytes, config: CheckConfig = CheckConfig()) -> CheckedImag
         return CheckedImage(False, reason=f"cannot decode: {type(e).__name__}: {msg}".rstrip(": "))
 
 
-def _reencode(im, fmt: str | None, resize: tuple[int, int] | None) -> CheckedImage:
+def _reencode(rgb, fmt: str | None, resize: tuple[int, int] | None) -> CheckedImage:
+    """An upright RGB image -> JPEG (for JPEG input) or PNG bytes, resized to (H, W) if given."""
     from PIL import Image
 
-    as_jpeg = fmt in ("JPEG", "MPO")
     if resize is not None:
         h, w = resize
-        if im.mode not in ("RGB", "RGBA", "L", "LA", "I;16", "I", "F"):
-            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        im = im.resize((w, h), Image.Resampling.BICUBIC)
-    if as_jpeg:
-        if im.mode not in ("RGB", "L"):
-            im = im.convert("RGB")
-        out = io.BytesIO()
-        im.save(out, "JPEG", quality=JPEG_QUALITY)
-        return CheckedImage(True, out.getvalue(), "jpg")
-    if im.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
-        im = im.convert("RGBA" if "A" in im.mode else "RGB")
+        rgb = rgb.resize((w, h), Image.Resampling.BICUBIC)
     out = io.BytesIO()
-    im.save(out, "PNG")
+    if fmt in ("JPEG", "MPO"):
+        rgb.save(out, "JPEG", quality=JPEG_QUALITY)
+        return CheckedImage(True, out.getvalue(), "jpg")
+    rgb.save(out, "PNG")
     return CheckedImage(True, out.getvalue(), "png")
 
 

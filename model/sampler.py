@@ -34,7 +34,6 @@ Epoch plan (`plan_epoch`), with W ranks:
 """
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 import threading
@@ -44,6 +43,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from model.shards import checked_row
 
 IMAGE_EXTS = ("jpg", "png")
 
@@ -110,8 +111,12 @@ def _index_one(url: str, shard: int, out: list) -> None:
                     continue
                 entry = pending.setdefault(key, {})
                 if ext == "json":
-                    data = tar.extractfile(member).read()
-                    entry["row"] = json.loads(data)
+                    row, reason = checked_row(key, tar.extractfile(member).read())
+                    if reason is None:
+                        entry["row"] = row
+                    else:  # one bad sample is left out, never the rest of the shard
+                        warnings.warn(f"shard {url}: sample {row['image_id']!r} left out: {reason}",
+                                      ShardIndexWarning, stacklevel=3)
                 elif ext in IMAGE_EXTS:
                     if member.offset_data + member.size > file_size:
                         raise tarfile.ReadError(f"member {member.name!r} is truncated")

@@ -21,7 +21,10 @@ Reading: ``iter_shard_samples`` reads each tar (one shard at a time, in memory) 
 ``tarfile``, never turns a member name into a filesystem path (nothing is extracted), skips
 non-regular members (links, directories, devices), and on a
 truncated or corrupt tar yields the complete samples before the damage, reports the error
-through ``on_error`` (default: a ShardReadWarning) and goes on with the next shard.
+through ``on_error`` (default: a ShardReadWarning) and goes on with the next shard. A sample
+whose JSON does not parse or breaks the manifest row contract (``checked_row``) is reported
+through ``on_bad_sample`` (default: a ShardReadWarning) and the reader goes on with the next
+sample of the same shard: one bad sample never costs the others.
 """
 from __future__ import annotations
 
@@ -149,31 +152,61 @@ def _default_on_error(url: str, exc: BaseException) -> None:
     warnings.warn(f"shard {url}: {type(exc).__name__}: {exc}", ShardReadWarning, stacklevel=3)
 
 
+def _default_on_bad_sample(url: str, image_id: str, reason: str) -> None:
+    warnings.warn(f"shard {url}: sample {image_id!r}: {reason}", ShardReadWarning, stacklevel=3)
+
+
+def checked_row(key: str, raw: bytes) -> tuple[dict, str | None]:
+    """A sample's JSON member -> (row, None) if it is a valid manifest row, else
+    ({"image_id": ...}, reason). The image_id is the row's own when it is a usable string,
+    else the one the key encodes (image_id_for), so the bad sample can still be named."""
+    from contracts.manifest import row_problem
+
+    try:
+        row = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        return {"image_id": image_id_for(key)}, f"bad JSON: {str(e).splitlines()[0]}"
+    reason = row_problem(row)
+    if reason is None:
+        return row, None
+    own = row.get("image_id") if isinstance(row, dict) else None
+    return {"image_id": own if isinstance(own, str) and own else image_id_for(key)}, f"bad manifest row: {reason}"
+
+
 def iter_shard_samples(urls: str | Iterable[str],
-                       on_error: Callable[[str, BaseException], None] | None = None
+                       on_error: Callable[[str, BaseException], None] | None = None,
+                       on_bad_sample: Callable[[str, str, str], None] | None = None
                        ) -> Iterator[tuple[str, bytes, str, dict]]:
-    """Yield (key, image_bytes, ext, row_dict) for every complete sample of the shards.
+    """Yield (key, image_bytes, ext, row_dict) for every complete, valid sample of the shards.
 
     urls: one path/URL or several (local paths, file://, or any URI pyarrow opens).
-    ext is "jpg" or "png"; row_dict is the decoded JSON manifest row. A sample missing its
-    image or its JSON is skipped. Errors (truncated tar, bad JSON, unreadable file) call
-    on_error(url, exception) (default: warn with ShardReadWarning) and the reader moves on
-    to the next shard after yielding what could be read.
+    ext is "jpg" or "png"; row_dict is the JSON manifest row, checked (``checked_row``). A
+    sample missing its image or its JSON is skipped. A sample whose JSON is bad calls
+    on_bad_sample(url, image_id, reason) (default: warn) and is not yielded. Shard errors
+    (truncated tar, unreadable file) call on_error(url, exception) (default: warn with
+    ShardReadWarning) and the reader moves on to the next shard after yielding what could be read.
     """
     if isinstance(urls, (str, os.PathLike)):
         urls = [os.fspath(urls)]
     report = on_error or _default_on_error
+    bad_sample = on_bad_sample or _default_on_bad_sample
     for url in urls:
         url = os.fspath(url)
         try:
             with _open(url) as f:
                 data = f.read()
-            yield from _iter_one(data)
+            for key, image, ext, raw in _iter_one(data):
+                row, reason = checked_row(key, raw)
+                if reason is None:
+                    yield key, image, ext, row
+                else:
+                    bad_sample(url, row["image_id"], reason)
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             report(url, e)
 
 
-def _iter_one(data: bytes) -> Iterator[tuple[str, bytes, str, dict]]:
+def _iter_one(data: bytes) -> Iterator[tuple[str, bytes, str, bytes]]:
+    """(key, image bytes, ext, JSON bytes) of each complete sample of one tar held in memory."""
     current_key = None
     parts: dict[str, bytes] = {}
 
@@ -181,11 +214,7 @@ def _iter_one(data: bytes) -> Iterator[tuple[str, bytes, str, dict]]:
         image_ext = next((e for e in IMAGE_EXTS if e in parts), None)
         if image_ext is None or "json" not in parts:
             return None
-        try:
-            row = json.loads(parts["json"])
-        except ValueError as e:
-            raise ValueError(f"sample {current_key!r}: bad JSON: {e}") from e
-        return current_key, parts[image_ext], image_ext, row
+        return current_key, parts[image_ext], image_ext, parts["json"]
 
     # The whole shard is in memory (shards are small by design), so members are read from a
     # BytesIO and nothing is ever extracted to disk.

@@ -12,16 +12,22 @@ from model.config import ModelConfig
 
 DEFAULT_MAX_PIXELS = 20_000_000
 
+__all__ = ["DEFAULT_MAX_PIXELS", "BatchEvalTransform", "ImageDecodeError", "decode_image",
+           "eval_transform", "train_transform", "upright_rgb"]
+
 
 class ImageDecodeError(ValueError):
     """Bytes that are not a readable image, or an image larger than the pixel guard."""
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Encoded image bytes (JPEG/PNG/PGM/...) -> PIL RGB image.
+    """Encoded image bytes (JPEG/PNG/PGM/TIFF/...) -> PIL RGB image, upright.
 
     The size is checked from the header before any pixel is decoded, so a decompression bomb
-    is refused cheaply. Raises ImageDecodeError (a ValueError) on corrupt or oversize input.
+    is refused cheaply. Then `upright_rgb`: EXIF orientation applied, every mode converted to
+    8-bit RGB (or refused). Raises ImageDecodeError (a ValueError) on corrupt, oversize or
+    unconvertible input. Every image door (embed, training, report pictures, make_shards'
+    check) decodes through here, so they all see the same pixels.
     """
     from PIL import Image
 
@@ -31,11 +37,67 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
         if w * h > max_pixels:
             raise ImageDecodeError(f"image of {w}x{h} pixels exceeds the limit of {max_pixels}")
         img.load()
-        return img.convert("RGB")
+        return upright_rgb(img)
     except ImageDecodeError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, ...
         raise ImageDecodeError(f"cannot decode image: {e}".splitlines()[0]) from None
+
+
+# Modes Pillow's plain convert("RGB") maps correctly (colour-space conversions, palettes, 1-bit).
+_CONVERTIBLE = ("1", "L", "P", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+_WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def upright_rgb(img):
+    """A loaded PIL image of any mode -> 8-bit RGB PIL image with its EXIF orientation applied.
+
+    - 16-bit grey (I;16*) and 32-bit integer (I, what Pillow's 16-bit PGM/PNG readers give) are
+      scaled from 0..65535 to 0..255; I values outside 0..65535 are refused;
+    - 32-bit float (F): values in [0, 1] are scaled by 255, values in [0, 255] kept; others
+      (negative, larger, NaN) are refused;
+    - transparency (an alpha channel, or a palette / grey / RGB transparent colour) is
+      composited onto white, as the image shows on a page;
+    - 1-bit, grey, palette, CMYK, YCbCr, LAB, HSV: Pillow's colour conversion.
+    Plain convert("RGB") would clip 16-bit pixels to white and keep the unrotated pixels.
+    Raises ImageDecodeError for a mode it cannot convert faithfully.
+    """
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode in _WIDE:
+        return _wide_to_rgb(img)
+    if "A" in mode or "a" in mode or "transparency" in img.info:
+        rgba = img.convert("RGBA") if mode != "La" else img.convert("LA").convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode in _CONVERTIBLE:
+        return img.convert("RGB")
+    raise ImageDecodeError(f"unsupported image mode {mode}")
+
+
+def _wide_to_rgb(img):
+    """16/32-bit single-channel image -> 8-bit RGB by its value range (see upright_rgb)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(img).astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ImageDecodeError(f"image of mode {img.mode} has NaN or infinite pixels")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode == "F":
+        if lo < 0 or hi > 255:
+            raise ImageDecodeError(f"float image pixels in [{lo:g}, {hi:g}], expected [0, 1] or [0, 255]")
+        top = 1.0 if hi <= 1.0 else 255.0
+    else:
+        if lo < 0 or hi > 65535:
+            raise ImageDecodeError(f"{img.mode} image pixels in [{lo:g}, {hi:g}], expected 0..65535")
+        top = 65535.0
+    out = np.rint(a * (255.0 / top)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L").convert("RGB")
 
 
 def eval_transform(cfg: ModelConfig):

@@ -144,19 +144,13 @@ def embed_with_ray(args, previous: str | None, out: str) -> dict:
 
 
 def model_identity(model_dir: str) -> str:
-    """The model's id (model.checkpoint: sha256 prefix of model.pt), with its config checked,
+    """The model's id (model.checkpoint.model_id: weights + config), with its config checked,
     without building the network (the embed step loads it)."""
-    from contracts.storage import resolve
-    from model.checkpoint import CONFIG_FILE, MODEL_FILE, model_id_from_bytes
-    from model.config import ModelConfig
+    from model.checkpoint import CONFIG_FILE, MODEL_FILE, read_model_id
 
-    fs, root = resolve(model_dir)
     try:
-        with fs.open_input_stream(f"{root}/{CONFIG_FILE}") as f:
-            ModelConfig.from_json(f.read().decode())
-        with fs.open_input_stream(f"{root}/{MODEL_FILE}") as f:
-            return model_id_from_bytes(f.read())
-    except FileNotFoundError:
+        return read_model_id(model_dir)
+    except (FileNotFoundError, IsADirectoryError):
         raise FileNotFoundError(f"--model {model_dir}: not a model directory ({MODEL_FILE} + {CONFIG_FILE})") from None
 
 
@@ -164,8 +158,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import pyarrow.compute as pc
 
-    from contracts.manifest import read_manifest
     from index.nightly.runner import ReindexConfig, Reindexer
+    from contracts.manifest import read_manifest
 
     args.root = args.root or os.path.dirname(os.path.abspath(args.gallery_manifest))
     if "://" not in args.root and not os.path.isdir(args.root):

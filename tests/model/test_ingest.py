@@ -355,29 +355,42 @@ def test_scan_manifest_parquet_without_split(tmp_path):
     (".", "names the root"),
 ])
 def test_manifest_path_escape_is_refused(tmp_path, path, message):
+    """The escaping row is rejected with its reason (as --format folders rejects a file); the
+    other rows are kept."""
     root = tmp_path / "root"
     write(root / "img" / "a.jpg", encoded())
     write(tmp_path / "outside" / "x.jpg", encoded())
     os.symlink(tmp_path / "outside", root / "link")
     csv = tmp_path / "m.csv"
     csv.write_text(f"path,item_id\nimg/a.jpg,1\n{path},2\n")
+    scan = scan_manifest(str(root), str(csv))
+    assert [r["path"] for r in scan.rows] == ["img/a.jpg"]
+    assert [p for p, _ in scan.rejected] == [path] and message in scan.rejected[0][1]
     with pytest.raises(PathEscapeError, match=message):
-        scan_manifest(str(root), str(csv))
-    with pytest.raises(PathEscapeError):
         safe_relpath(str(root), path)
 
 
 @pytest.mark.parametrize("text, message", [
     ("path,label\na.jpg,1\n", "lacks column.*item_id"),
-    ("path,item_id,split\na.jpg,1,test\n", "split 'test'"),
     ("path,item_id\na.jpg,1\n./a.jpg,2\n", "appears twice"),
-    ("path,item_id,camera_id\na.jpg,1,cam1\n", "cannot read manifest"),
 ])
 def test_bad_manifest_files(tmp_path, text, message):
     write(tmp_path / "a.jpg", encoded())
     (tmp_path / "m.csv").write_text(text)
     with pytest.raises(IngestError, match=message):
         scan_manifest(str(tmp_path), str(tmp_path / "m.csv"))
+
+
+def test_bad_manifest_rows_are_rejected_one_by_one(tmp_path):
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        write(tmp_path / name, encoded())
+    (tmp_path / "m.csv").write_text("path,item_id,camera_id,split\na.jpg,1,3,query\nb.jpg,1,cam1,query\n"
+                                    "c.jpg,1,2,test\nd.jpg,,2,gallery\n")
+    scan = scan_manifest(str(tmp_path), str(tmp_path / "m.csv"))
+    assert [(r["path"], r["camera_id"]) for r in scan.rows] == [("a.jpg", 3)]
+    reasons = dict(scan.rejected)
+    assert "camera_id 'cam1' is not an int32" in reasons["b.jpg"]
+    assert "split 'test'" in reasons["c.jpg"] and "no item_id" in reasons["d.jpg"]
 
 
 def test_scan_dataset_dispatch(tmp_path):

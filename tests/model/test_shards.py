@@ -133,9 +133,11 @@ def test_truncated_shard_yields_complete_samples_and_reports(tmp_path):
 
 def test_member_names_are_never_paths(tmp_path, monkeypatch):
     evil = tmp_path / "evil-000000.tar"
+    row_a = {"image_id": "a", "item_id": "1", "camera_id": None, "split": "gallery"}
+    row_x = {**row_a, "image_id": "x"}
     with tarfile.open(evil, "w") as t:
-        for name, data in (("../../escape.jpg", encoded()), ("../../escape.json", b'{"a": 1}'),
-                           ("/abs/x.jpg", encoded()), ("/abs/x.json", b"{}")):
+        for name, data in (("../../escape.jpg", encoded()), ("../../escape.json", json.dumps(row_a).encode()),
+                           ("/abs/x.jpg", encoded()), ("/abs/x.json", json.dumps(row_x).encode())):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
@@ -146,8 +148,8 @@ def test_member_names_are_never_paths(tmp_path, monkeypatch):
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     got = list(iter_shard_samples(str(evil)))
-    assert [(k, e, r) for k, _, e, r in got] == [("../../escape", "jpg", {"a": 1}),
-                                                ("/abs/x", "jpg", {})]
+    assert [(k, e, r) for k, _, e, r in got] == [("../../escape", "jpg", row_a),
+                                                ("/abs/x", "jpg", row_x)]
     assert sorted(os.listdir(tmp_path)) == ["a", "evil-000000.tar"]
     assert os.listdir(work) == []
 
