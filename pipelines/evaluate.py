@@ -166,7 +166,7 @@ def write_report_dir(args, reports, curves, ranked, query, gallery) -> None:
 def evaluate_results(args) -> int:
     import pyarrow.dataset as pads
 
-    from index.evaluation import format_report, make_report, per_query_metrics_from_results
+    from index.evaluation import format_report, make_report, per_query_metrics_from_results, results_scoring
     from index.storage import write_text_atomic
     from index.vectors import camera_array, open_dataset
 
@@ -196,7 +196,9 @@ def evaluate_results(args) -> int:
     from index.results import results_metadata
 
     rerank = results_metadata(args.results).get("rerank")  # what query.py applied, if anything
+    scoring = results_scoring(mode, q_cams is not None and g_cams is not None)
     report = make_report(pq_, mode, None if rerank in (None, "none") else rerank, at_k=k,
+                         scoring=scoring, protocol=scoring == "protocol",
                          note=f"metrics@{k} from retrieved lists: AP@k divides by "
                          "min(k, true matches); CMC only up to k")
     report["cmc"] = {r: v for r, v in report["cmc"].items() if int(r) <= k}
