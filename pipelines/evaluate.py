@@ -166,7 +166,12 @@ def write_report_dir(args, reports, curves, ranked, query, gallery) -> None:
 def evaluate_results(args) -> int:
     import pyarrow.dataset as pads
 
-    from index.evaluation import format_report, make_report, per_query_metrics_from_results, results_scoring
+    from index.evaluation import (
+        format_report,
+        make_report,
+        per_query_metrics_from_results,
+        results_scoring,
+    )
     from index.storage import write_text_atomic
     from index.vectors import camera_array, open_dataset
 

@@ -80,7 +80,7 @@ def test_current_at_dev_zero_is_refused_without_reading_it(tmp_path):
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
             f"sys.argv = ['index_versions.py', 'verify', '--index', {home.path!r}]; "
             "import runpy; runpy.run_path('pipelines/index_versions.py', run_name='__main__')")
-    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(err) == 1 and "not a regular file" in err[0], p.stderr[-2000:]
 
