@@ -66,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from contracts.storage import write_text_atomic
-    from contracts.vectors import read_vectors
     from index.evaluation import metrics as M
     from index.evaluation.protocol import format_report, label_codes, make_report
     from index.evaluation.reranked import choose_sample_rows, evaluate_ranked, is_reranked
+    from contracts.storage import write_text_atomic
+    from contracts.vectors import read_vectors
 
     if args.chunk is not None and args.chunk < 1:
         raise ValueError("--chunk must be >= 1")
@@ -166,9 +166,14 @@ def write_report_dir(args, reports, curves, ranked, query, gallery) -> None:
 def evaluate_results(args) -> int:
     import pyarrow.dataset as pads
 
+    from index.evaluation.protocol import (
+        format_report,
+        make_report,
+        per_query_metrics_from_results,
+        results_scoring,
+    )
     from contracts.storage import write_text_atomic
     from contracts.vectors import camera_array, open_dataset
-    from index.evaluation.protocol import format_report, make_report, per_query_metrics_from_results
 
     if not args.gallery_labels:
         raise ValueError("--results needs --gallery-labels (image_id, item_id[, camera_id] of the gallery)")
@@ -196,7 +201,9 @@ def evaluate_results(args) -> int:
     from contracts.results import results_metadata
 
     rerank = results_metadata(args.results).get("rerank")  # what query.py applied, if anything
+    scoring = results_scoring(mode, q_cams is not None and g_cams is not None)
     report = make_report(pq_, mode, None if rerank in (None, "none") else rerank, at_k=k,
+                         scoring=scoring, protocol=scoring == "protocol",
                          note=f"metrics@{k} from retrieved lists: AP@k divides by "
                          "min(k, true matches); CMC only up to k")
     report["cmc"] = {r: v for r, v in report["cmc"].items() if int(r) <= k}

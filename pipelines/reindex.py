@@ -11,9 +11,11 @@ Steps (index/reindex.py; every step is logged to WORK/reindex.jsonl with counts 
   centroids  per-(item, camera) sums kept in WORK: only the touched items are recomputed
   build      a new index version under INDEX_ROOT/NAME (not yet published)
   gate       the validation queries (query embeddings from the same model) are searched against
-             the new and the published version: publish only if mAP@k drops by at most
-             --max-drop and the new version's recall reaches --target-recall; otherwise the
-             published version stays, and the job exits 2 with the reason
+             the new and the published version with the same k: publish only if mAP@k over all
+             validation queries (one that lost its matches scores 0) drops by at most --max-drop,
+             the gallery lost at most --max-shrink of its vectors and the new version's recall
+             reaches --target-recall; otherwise the published version stays, and the job exits
+             2 with the reason
   publish    CURRENT replaced atomically, old versions pruned (--keep)
 Nothing changed since the last published run: no new version, exit 0.
 A second run while one is going exits 2 ("another reindex run holds the lock"). A run killed at
@@ -59,15 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="recall@10 the new index must reach vs exact search (default 0.95)")
     p.add_argument("--keep", type=int, default=3, help="index versions to keep (default 3)")
-    p.add_argument("--shards", type=int, default=1, help="index shards (default 1)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="index shards (default: as the published version, 1 if none)")
     p.add_argument("--index-type", default="auto",
                    help="auto, flat, hnsw, ivf, ivfpq or a FAISS factory string (default auto)")
-    p.add_argument("--index-kind", default="centroids", choices=["centroids", "embeddings"],
-                   help="index one centroid per item (default) or every image embedding")
+    p.add_argument("--index-kind", default=None, choices=["centroids", "embeddings"],
+                   help="index one centroid per item or every image embedding (default: as the "
+                        "published version, centroids if none)")
     p.add_argument("--max-error-fraction", type=float, default=0.05,
                    help="refuse the run when more than this fraction of the gallery images cannot be "
                         "read or decoded (default 0.05)")
     p.add_argument("--gate-k", type=int, default=100, help="ranked list length for the gate's mAP@k (default 100)")
+    p.add_argument("--max-shrink", type=float, default=0.1,
+                   help="refuse a version with more than this fraction fewer vectors than the published "
+                        "one (default 0.1; 1.0 allows any shrink)")
     p.add_argument("--executor", default="ray", choices=["ray", "local"],
                    help="ray: embed with Ray Data (pipelines/embed.py); local: embed in this process "
                         "(small galleries, tests)")
@@ -139,8 +146,12 @@ def embed_with_ray(args, previous: str | None, out: str) -> dict:
     rc = embed.main(argv)
     if rc:
         raise RuntimeError(f"embed step failed with exit status {rc}")
-    with open(os.path.join(out, "_embed.json")) as f:
-        return json.load(f)
+    from index.nightly.runner import read_json
+
+    summary = read_json(os.path.join(out, "_embed.json"))  # size-capped, regular file only
+    if summary is None:
+        raise RuntimeError(f"embed step wrote no {os.path.join(out, '_embed.json')}")
+    return summary
 
 
 def model_identity(model_dir: str) -> str:
@@ -176,6 +187,7 @@ def main(argv=None) -> int:
         model_id=model_id, published_validation=args.published_validation, max_drop=args.max_drop,
         target_recall=args.target_recall, keep=args.keep, shards=args.shards, index_type=args.index_type,
         index_kind=args.index_kind, gate_k=args.gate_k, max_error_fraction=args.max_error_fraction,
+        max_shrink=args.max_shrink,
         kill_after=os.environ.get(KILL_ENV) or None).check()
     print(f"reindex: {manifest.num_rows} {args.split} images in {args.gallery_manifest}, model {model_id}, "
           f"index {os.path.join(args.index_root, args.name)}", flush=True)

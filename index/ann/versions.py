@@ -13,6 +13,11 @@ and ``os.replace``-ing it (atomic on POSIX), so a reader sees the old or the new
 half-written one. Readers hold their own file handles / loaded indexes, so publishing, rolling
 back or even pruning the version they opened does not disturb them. Local filesystems only:
 object stores have no atomic rename.
+
+Publish, roll back and prune take the index's lock (``flock`` on ``<root>/<name>/.index.lock``):
+without it a prune that read the old CURRENT could delete the version a concurrent publish is
+about to name (a slow fsync on a shared mount widens that window to seconds). Small files
+(CURRENT, manifest.json) are read with a size cap and only when they are regular files.
 """
 from __future__ import annotations
 
@@ -30,7 +35,10 @@ from datetime import datetime, timezone
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+INDEX_LOCK = ".index.lock"
 FORMAT = 1
+MAX_CURRENT_BYTES = 256  # a version name and a newline
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few files per shard; far below this
 _VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
 
 
@@ -57,6 +65,26 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_small_file(path: str, limit: int, what: str, error=IndexVersionError) -> bytes:
+    """The bytes of a small regular file, at most `limit` of them; `error` (one line, never the
+    file's content) for a directory, device, FIFO or a larger file. FileNotFoundError passes."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{path}: {what} is not a regular file")
+        if st.st_size > limit:
+            raise error(f"{path}: {what} is {st.st_size} bytes, more than the {limit} allowed")
+        data = os.read(fd, limit + 1)
+        if len(data) > limit:  # grew while we read it
+            raise error(f"{path}: {what} is larger than the {limit} bytes allowed")
+        return data
+    finally:
+        os.close(fd)
+
+
 def _local(path: str) -> str:
     path = str(path)
     if "://" in path and not path.startswith("file://"):
@@ -66,8 +94,11 @@ def _local(path: str) -> str:
 
 
 def _check_version_name(version: str) -> str:
-    if not _VERSION_RE.match(version or ""):
-        raise IndexVersionError(f"invalid version name {version!r}")
+    v = version or ""
+    if not _VERSION_RE.match(v) or len(v) > MAX_CURRENT_BYTES - 1:
+        # at most 60 characters shown: never echo a whole file given as a version name
+        shown = repr(v[:60]) + ("..." if len(v) > 60 else "")
+        raise IndexVersionError(f"invalid version name {shown}")
     return version
 
 
@@ -94,11 +125,16 @@ class IndexHome:
     def current(self) -> str | None:
         """The published version's name, or None if nothing was published yet."""
         try:
-            with open(self.current_file) as f:
-                name = f.read().strip()
+            data = read_small_file(self.current_file, MAX_CURRENT_BYTES, CURRENT)
         except FileNotFoundError:
             return None
-        return _check_version_name(name)
+        try:
+            name = data.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise IndexVersionError(f"{self.current_file}: {CURRENT} does not hold a version name") from None
+        if not _VERSION_RE.match(name):
+            raise IndexVersionError(f"{self.current_file}: {CURRENT} does not hold a version name")
+        return name
 
     def list_versions(self) -> list[str]:
         """Complete versions (renamed into place, with a manifest), oldest first (by the
@@ -107,7 +143,7 @@ class IndexHome:
             return []
         keyed = []
         for entry in os.listdir(self.path):
-            if entry.startswith(".") or entry == CURRENT:
+            if entry.startswith(".") or entry in (CURRENT, INDEX_LOCK):
                 continue
             if os.path.isfile(os.path.join(self.path, entry, MANIFEST)):
                 try:
@@ -122,12 +158,14 @@ class IndexHome:
         version = version or self.require_current()
         path = os.path.join(self.version_dir(version), MANIFEST)
         try:
-            with open(path) as f:
-                return json.load(f)
-        except FileNotFoundError:
+            man = json.loads(read_small_file(path, MAX_MANIFEST_BYTES, MANIFEST))
+        except (FileNotFoundError, NotADirectoryError):
             raise IndexVersionError(f"{self.path}: version {version} does not exist or is incomplete") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise IndexVersionError(f"{path}: unreadable manifest: {e}") from None
+        if not isinstance(man, dict):
+            raise IndexVersionError(f"{path}: unreadable manifest: not a JSON object")
+        return man
 
     def require_current(self) -> str:
         v = self.current()
@@ -163,9 +201,27 @@ class IndexHome:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """The index's lock, held by publish, rollback and prune (blocking ``flock``; the kernel
+        drops it when the holder dies, so it is never stale). Not re-entrant."""
+        import fcntl
+
+        os.makedirs(self.path, exist_ok=True)
+        fd = os.open(os.path.join(self.path, INDEX_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
     def publish(self, version: str) -> None:
         """Point CURRENT at `version` atomically (it must be complete and renamed into place)."""
-        self.manifest(version)  # raises if missing / incomplete
+        with self.lock():
+            self._publish_locked(version)
+
+    def _publish_locked(self, version: str) -> None:
+        self.manifest(version)  # raises if missing / incomplete (checked under the lock: no prune races it)
         tmp = os.path.join(self.path, f".tmp-{CURRENT}-{uuid.uuid4().hex[:8]}")
         with open(tmp, "w") as f:
             f.write(version + "\n")
@@ -176,6 +232,10 @@ class IndexHome:
 
     def rollback(self, to: str | None = None) -> str:
         """Publish `to`, or by default the newest version older than CURRENT. Returns it."""
+        with self.lock():
+            return self._rollback_locked(to)
+
+    def _rollback_locked(self, to: str | None) -> str:
         versions = self.list_versions()
         if to is None:
             cur = self.require_current()
@@ -185,7 +245,7 @@ class IndexHome:
             to = older[-1]
         elif to not in versions:
             raise IndexVersionError(f"{self.path}: unknown version {to!r} (have: {', '.join(versions) or 'none'})")
-        self.publish(to)
+        self._publish_locked(to)
         return to
 
     def prune(self, keep: int) -> list[str]:
@@ -194,6 +254,10 @@ class IndexHome:
         version keep working (open files / mmaps stay valid on POSIX)."""
         if keep < 1:
             raise IndexVersionError(f"prune: keep must be >= 1, got {keep}")
+        with self.lock():  # CURRENT cannot change under us: what it names is never deleted
+            return self._prune_locked(keep)
+
+    def _prune_locked(self, keep: int) -> list[str]:
         versions = self.list_versions()
         cur = self.current()
         kept = set(versions[-keep:]) | {cur}

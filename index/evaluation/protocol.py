@@ -10,6 +10,17 @@ from contracts.vectors import VectorFileError, VectorTable
 from index.evaluation import metrics as M
 
 MODES = ("instance", "centroid")
+# What a figure measures. The protocol's centroid mode builds, for each query, an item's centroid
+# from its gallery images NOT taken by the query's camera; an index's centroids are built from all
+# of them, so scoring an index's centroid lists counts same-camera matches the protocol removes
+# (an inflated figure, never to be compared with a protocol one).
+SCORING_PROTOCOL = "protocol"
+SCORING_INDEX_CENTROIDS = "index-centroids-all-cameras"
+
+
+def results_scoring(mode: str, cameras_known: bool) -> str:
+    """The `scoring` label of metrics computed from retrieved lists (see SCORING_*)."""
+    return SCORING_INDEX_CENTROIDS if mode == "centroid" and cameras_known else SCORING_PROTOCOL
 
 
 def check_compatible(query: VectorTable, gallery: VectorTable) -> None:
@@ -60,6 +71,11 @@ def format_report(report: dict) -> str:
             f"{r['mode']:<9} {r.get('rerank') or '-'!s:<12} "
             f"{r['num_valid_queries']:>4}/{r['num_queries']:<4} {r['mAP']:>7.4f} {r['mINP']:>7.4f} "
             + " ".join(f"{r['cmc'][k]:>6.4f}" for k in ranks))
+    for r in reports:
+        if r.get("scoring", SCORING_PROTOCOL) != SCORING_PROTOCOL:
+            lines.append(f"note: {r['mode']} scored as {r['scoring']}: the index's centroids include the "
+                         "query camera's images, so this is NOT the ReID protocol figure (evaluate.py "
+                         "--mode centroid on the embeddings gives that); do not compare the two")
     return "\n".join(lines)
 
 

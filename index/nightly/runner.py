@@ -13,8 +13,12 @@ One run (`Reindexer.run`):
    copied (streamed). A model change (or the first run) recomputes everything;
 3. ``build``: a new index version from the centroids (or the embeddings), not published;
 4. ``gate``: the validation queries are searched against the new version and the published
-   one; the new one passes when its mAP@k does not drop by more than ``max_drop`` and its
-   manifest's recall reaches ``target_recall``;
+   one with the same k (``gate_k``, never capped by a gallery's size); the new one passes when
+   its mAP@k over ALL validation queries (a query that lost its matches scores 0) does not drop
+   by more than ``max_drop``, its gallery did not shrink by more than ``max_shrink``, and its
+   manifest's recall reaches ``target_recall``. An index's centroids are all-camera ones, so its
+   figure is labelled ``scoring: index-centroids-all-cameras`` and only compared with another
+   figure scored the same way;
 5. ``publish`` (atomic CURRENT swap), ``commit`` (``state.json``), ``prune`` (keep N versions).
 
 Crash safety: every output is written under a temporary name and renamed complete;
@@ -53,6 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from index.centroids import aggregate as C
 from contracts.storage import atomic_dir, write_text_atomic
 from contracts.vectors import (
     VectorFileError,
@@ -65,8 +70,7 @@ from contracts.vectors import (
     open_dataset,
     read_vectors,
 )
-from index.ann.versions import IndexHome, new_version_name
-from index.centroids import aggregate as C
+from index.ann.versions import IndexHome, new_version_name, read_small_file
 
 STATE_FILE = "state.json"
 PENDING_FILE = "pending.json"
@@ -96,15 +100,23 @@ class GateRefused(ReindexError):
 # small file helpers
 
 
+MAX_STATE_BYTES = 16 << 20  # state.json / pending.json / _embed.json: small by construction
+
+
 def read_json(path: str) -> dict | None:
-    """A JSON file's object, or None when the file does not exist."""
+    """A JSON file's object, or None when the file does not exist. Refused (one line, never the
+    content): not a regular file, over MAX_STATE_BYTES, not JSON, not an object."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        data = read_small_file(path, MAX_STATE_BYTES, "work-dir file", ReindexError)
+        obj = json.loads(data)
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as e:  # written atomically, so this is outside damage
-        raise ReindexError(f"{path}: unreadable JSON ({e}); restore or delete it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # written atomically, so this is outside damage
+        raise ReindexError(f"{path}: unreadable JSON ({type(e).__name__} at byte {getattr(e, 'pos', '?')}); "
+                           "restore or delete it") from None
+    if not isinstance(obj, dict):
+        raise ReindexError(f"{path}: not a JSON object; restore or delete it")
+    return obj
 
 
 def write_json_atomic(path: str, obj: dict) -> None:
@@ -437,27 +449,34 @@ def index_labels(home: IndexHome, version: str) -> GalleryLabels:
 
 def evaluate_version(home: IndexHome, version: str, queries: VectorTable, labels: GalleryLabels,
                      k: int = 100, use_cameras: bool = True) -> dict:
-    """Search `queries` against index `version` (top-k) and score the ranked lists with the
-    evaluation protocol (index.evaluation.protocol.per_query_metrics_from_results). Returns the
-    evaluation report (mAP@k etc.) plus version, k and model."""
+    """Search `queries` against index `version` (top-k) and score the ranked lists
+    (index.evaluation.protocol.per_query_metrics_from_results). Returns the evaluation report (mAP@k over
+    valid queries etc.) plus version, k, model, num_vectors, `scoring` (what the figure measures:
+    an index's centroids are all-camera ones, not the protocol's) and `gate_mAP`: the mean AP@k
+    over ALL validation queries, a query with no match in this version scoring 0, which is the
+    figure two versions are compared on (same queries, same k, whatever each gallery holds)."""
+    from index.evaluation.protocol import make_report, per_query_metrics_from_results, results_scoring
     from contracts.results import make_results_table
     from index.ann.search import open_index
-    from index.evaluation.protocol import make_report, per_query_metrics_from_results
 
     with open_index(home.path, version=version) as idx:
         if queries.meta.model != idx.model:
             raise ReindexError(f"validation queries come from model {queries.meta.model}, index version "
                                f"{version} from model {idx.model}")
-        kk = max(1, min(k, len(idx)))
-        hits = idx.search(queries.vectors, kk)
+        n_vectors = len(idx)
+        hits = idx.search(queries.vectors, max(1, min(k, n_vectors)))
         model = idx.model
     results = make_results_table(queries.image_ids, hits.item_ids, hits.image_ids, hits.scores, hits.valid)
     q_cams = queries.camera_ids if use_cameras else None
     g_cams = labels.cams if use_cameras else None
     image_ids = labels.image_ids if labels.image_ids is not None else np.full(len(labels.item_ids), None, object)
-    per_query, kk, mode = per_query_metrics_from_results(
-        results, queries.item_ids, queries.image_ids, q_cams, labels.item_ids, image_ids, g_cams, kk)
-    return make_report(per_query, mode, None, k=kk, version=version, model=model)
+    # k is the gate's k, not capped by this gallery's size: a shorter list just holds fewer hits
+    per_query, _, mode = per_query_metrics_from_results(
+        results, queries.item_ids, queries.image_ids, q_cams, labels.item_ids, image_ids, g_cams, k)
+    ap = np.where(per_query.valid, np.nan_to_num(per_query.ap), 0.0)
+    return make_report(per_query, mode, None, k=k, version=version, model=model, num_vectors=n_vectors,
+                       scoring=results_scoring(mode, q_cams is not None and g_cams is not None),
+                       gate_mAP=float(ap.sum() / max(len(ap), 1)))
 
 
 @dataclass
@@ -470,25 +489,52 @@ class GateDecision:
 
 
 def gate_decision(new: dict, old: dict | None, recall: float | None, target_recall: float,
-                  max_drop: float) -> GateDecision:
+                  max_drop: float, max_shrink: float = 1.0) -> GateDecision:
     """Pass when the new version has valid validation queries, its index recall reaches the
-    target, and its mAP is at most `max_drop` below the published one's (`old`, None = nothing
-    published yet)."""
+    target, its gallery did not shrink by more than `max_shrink` (a fraction of the published
+    one's vectors), and its gate mAP (`gate_mAP`: mean AP@k over all validation queries, a query
+    that lost its matches scoring 0) is at most `max_drop` below the published one's (`old`,
+    None = nothing published yet). Both reports must score the same way with the same k and
+    queries; otherwise ReindexError (the figures are not comparable)."""
     if new["num_valid_queries"] == 0:
         return GateDecision(False, f"none of the {new['num_queries']} validation queries has a true match "
                                    "in the new version", new, old, recall)
     if recall is not None and recall < target_recall:
         return GateDecision(False, f"index recall {recall:.4f} is below the target {target_recall}",
                             new, old, recall)
-    if old is not None:
-        drop = old["mAP"] - new["mAP"]
-        if drop > max_drop + 1e-12:
-            return GateDecision(False, f"validation mAP@{new.get('k')} fell from {old['mAP']:.4f} "
-                                       f"(version {old.get('version')}) to {new['mAP']:.4f} "
-                                       f"(drop {drop:.4f} > max drop {max_drop})", new, old, recall)
-        return GateDecision(True, f"validation mAP {new['mAP']:.4f} vs published {old['mAP']:.4f} "
-                                  f"(drop {max(drop, 0):.4f} <= {max_drop})", new, old, recall)
-    return GateDecision(True, f"validation mAP {new['mAP']:.4f}; nothing published yet", new, old, recall)
+    if old is None:
+        return GateDecision(True, f"validation mAP@{new.get('k')} {_gate_map(new):.4f} over "
+                                  f"{new['num_queries']} queries; nothing published yet", new, old, recall)
+    for key in ("k", "num_queries", "scoring"):
+        if key in old and key in new and old[key] != new[key]:
+            raise ReindexError(f"cannot compare with published version {old.get('version')}: its validation "
+                               f"figure has {key}={old[key]!r}, the new one {key}={new[key]!r}; pass --published-validation "
+                               "to evaluate it again, or publish by hand (index_versions.py publish)")
+    old_n, new_n = old.get("num_vectors"), new.get("num_vectors")
+    if old_n and new_n is not None and new_n < (1 - max_shrink) * old_n - 1e-9:
+        return GateDecision(False, f"the gallery shrank from {old_n} to {new_n} vectors "
+                                   f"({1 - new_n / old_n:.0%} > --max-shrink {max_shrink:.0%})", new, old, recall)
+    lost = (new["num_queries"] - new["num_valid_queries"]
+            - (old.get("num_queries", 0) - old.get("num_valid_queries", 0)))
+    lost_note = f"; {lost} validation queries lost their matches (scored 0)" if lost > 0 else ""
+    drop = _gate_map(old) - _gate_map(new)
+    if drop > max_drop + 1e-12:
+        return GateDecision(False, f"validation mAP@{new.get('k')} fell from {_gate_map(old):.4f} "
+                                   f"(version {old.get('version')}) to {_gate_map(new):.4f} "
+                                   f"(drop {drop:.4f} > max drop {max_drop}){lost_note}", new, old, recall)
+    return GateDecision(True, f"validation mAP@{new.get('k')} {_gate_map(new):.4f} vs published "
+                              f"{_gate_map(old):.4f} over {new['num_queries']} queries "
+                              f"(drop {max(drop, 0):.4f} <= {max_drop}){lost_note}", new, old, recall)
+
+
+def _gate_map(report: dict) -> float:
+    """The figure the gate compares: gate_mAP (all queries, no match = 0). Reports recorded before
+    it existed only hold the valid-query mAP, rescaled here to all queries."""
+    if "gate_mAP" in report:
+        return float(report["gate_mAP"])
+    if "num_valid_queries" not in report or "num_queries" not in report:
+        return float(report["mAP"])
+    return float(report["mAP"]) * report["num_valid_queries"] / max(report["num_queries"], 1)
 
 
 def version_recall(manifest: dict) -> float | None:
@@ -507,9 +553,11 @@ def version_recall(manifest: dict) -> float | None:
 @dataclass(frozen=True)
 class ReindexConfig:
     """One nightly run. model_id: the id of the model the embed function uses (checked against
-    the validation queries before any work). index_kind: index the centroids (default) or the
-    image embeddings. kill_after: a step name after which the process SIGKILLs itself (crash
-    tests only)."""
+    the validation queries before any work). index_kind / shards: index the centroids or the
+    image embeddings, in how many shards (None: as the published version, see resolve_layout).
+    max_shrink: the largest fraction of the published version's vectors a new version may lack
+    (the gate refuses more). kill_after: a step name after which the process SIGKILLs itself
+    (crash tests only)."""
 
     work: str
     index_root: str
@@ -520,12 +568,13 @@ class ReindexConfig:
     max_drop: float = 0.01
     target_recall: float = 0.95
     keep: int = 3
-    shards: int = 1
+    shards: int | None = None  # None: the published version's number of shards (1 if none)
     index_type: str = "auto"
-    index_kind: str = "centroids"
+    index_kind: str | None = None  # None: the published version's kind (centroids if none)
     gate_k: int = 100
     batch_size: int = 65536
     max_error_fraction: float = 0.05
+    max_shrink: float = 0.1
     kill_after: str | None = None
 
     def check(self) -> ReindexConfig:
@@ -534,16 +583,18 @@ class ReindexConfig:
             if "://" in value and not value.startswith("file://"):
                 raise ValueError(f"--{name.replace('_', '-')} must be a local or mounted directory "
                                  f"(locks, atomic renames), got {value}")
-        if self.index_kind not in INDEX_KINDS:
+        if self.index_kind is not None and self.index_kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {self.index_kind!r}")
         if self.keep < 1:
             raise ValueError(f"--keep must be >= 1, got {self.keep}")
-        if self.shards < 1:
+        if self.shards is not None and self.shards < 1:
             raise ValueError(f"--shards must be >= 1, got {self.shards}")
         if not 0 <= self.max_drop <= 1:
             raise ValueError(f"--max-drop must be in [0, 1], got {self.max_drop}")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+        if not 0 <= self.max_shrink <= 1:
+            raise ValueError(f"--max-shrink must be in [0, 1], got {self.max_shrink}")
         if not 0 <= self.max_error_fraction <= 1:
             raise ValueError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.gate_k < 1:
@@ -552,10 +603,24 @@ class ReindexConfig:
             raise ValueError(f"kill_after must be one of {', '.join(STEPS)}")
         return self
 
-    def build_key(self) -> dict:
-        """Options whose change requires a rebuild even when no image changed."""
-        return {"index_kind": self.index_kind, "shards": self.shards, "index_type": self.index_type,
-                "target_recall": self.target_recall}
+    def build_key(self, shards: int | None = None, index_kind: str | None = None) -> dict:
+        """Options whose change requires a rebuild even when no image changed (shards and kind as
+        resolved by `resolve_layout`)."""
+        return {"index_kind": index_kind or self.index_kind, "shards": shards or self.shards,
+                "index_type": self.index_type, "target_recall": self.target_recall}
+
+
+def resolve_layout(cfg: ReindexConfig, published: dict | None) -> tuple[int, str]:
+    """(shards, index kind) of the next version: what the options say, else what the published
+    version's manifest has (a nightly run must not silently re-shape a 4-shard centroid index
+    into a 1-shard one, nor turn it into an image-embeddings index), else 1 shard of centroids."""
+    published = published or {}
+    shards = cfg.shards or int(published.get("num_shards") or 1)
+    kind = cfg.index_kind or str(published.get("vector_kind") or "centroids")
+    if kind not in INDEX_KINDS:
+        raise ReindexError(f"published version holds {kind!r} vectors; pass --index-kind "
+                           f"({', '.join(INDEX_KINDS)})")
+    return shards, kind
 
 
 # embed(previous embeddings dir or None, output dir) -> summary with at least "embedded",
@@ -637,11 +702,13 @@ class Reindexer:
             self.log.write("recover", "committed", generation=state["generation"], version=ver)
             self.say(f"reindex: recovered a run killed after publishing {ver}: committed it")
         elif ver is not None and ver != current and ver != state.get("published_version"):
-            for entry in os.listdir(self.home.path) if os.path.isdir(self.home.path) else []:
-                if entry == ver or entry.startswith(f".tmp-{ver}-"):
-                    remove_tree(os.path.join(self.home.path, entry))
-                    self.log.write("recover", "removed", path=entry)
-                    self.say(f"reindex: removed {entry}, left unpublished by a killed run")
+            with self.home.lock():  # no publish may name it while it is removed
+                if self.home.current() != ver:
+                    for entry in os.listdir(self.home.path) if os.path.isdir(self.home.path) else []:
+                        if entry == ver or entry.startswith(f".tmp-{ver}-"):
+                            remove_tree(os.path.join(self.home.path, entry))
+                            self.log.write("recover", "removed", path=entry)
+                            self.say(f"reindex: removed {entry}, left unpublished by a killed run")
         os.remove(self.pending_path)
         return state
 
@@ -751,10 +818,12 @@ class Reindexer:
         self._step_done("centroids", t, mode=stats.mode, added=summary.added, removed=summary.removed,
                         touched_items=stats.touched_items, items=stats.items, pairs=stats.pairs)
 
+        published = self.home.current()
+        shards, kind = resolve_layout(cfg, self.home.manifest(published) if published else None)
         base = {"format": 1, "generation": g, "model": cfg.model_id, "dim": meta.dim,
                 "embeddings": os.path.relpath(emb_dir, self.work),
                 "centroids": os.path.relpath(cent_dir, self.work),
-                "images": n_rows, "items": stats.items, "build_key": cfg.build_key(),
+                "images": n_rows, "items": stats.items, "build_key": cfg.build_key(shards, kind),
                 "gate": state.get("gate", {}),
                 "published_version": state.get("published_version"),
                 "published_embeddings": state.get("published_embeddings"),
@@ -767,7 +836,7 @@ class Reindexer:
                      and state.get("generation", 0) > 0
                      and state.get("published_generation") == state.get("generation")
                      and current is not None and current == state.get("published_version")
-                     and state.get("build_key") == cfg.build_key())
+                     and state.get("build_key") == cfg.build_key(shards, kind))
         if unchanged:
             base.update(published_version=current, published_embeddings=base["embeddings"],
                         published_generation=g, committed_at=_now())
@@ -782,8 +851,8 @@ class Reindexer:
         t = time.perf_counter()
         from index.ann.build import BuildConfig, build_index
 
-        vectors = os.path.join(cent_dir, CENTROIDS_FILE) if cfg.index_kind == "centroids" else emb_dir
-        bcfg = BuildConfig(shards=cfg.shards, index_type=cfg.index_type, target_recall=cfg.target_recall)
+        vectors = os.path.join(cent_dir, CENTROIDS_FILE) if kind == "centroids" else emb_dir
+        bcfg = BuildConfig(shards=shards, index_type=cfg.index_type, target_recall=cfg.target_recall)
         built = build_index(vectors, cfg.index_root, cfg.name, bcfg, publish=False,
                             version=version, progress=lambda m: self.say(f"reindex: build: {m}"))
         summary.version = version
@@ -799,7 +868,8 @@ class Reindexer:
                         new_mAP=decision.new["mAP"], old_mAP=None if decision.old is None else decision.old["mAP"],
                         recall=recall)
         if not decision.passed:
-            remove_tree(self.home.version_dir(version))
+            with self.home.lock():
+                remove_tree(self.home.version_dir(version))
             base["committed_at"] = _now()
             self.commit(base)
             summary.status, summary.published, summary.reason = "refused", current, decision.reason
@@ -809,7 +879,8 @@ class Reindexer:
 
         # 5. publish, 6. commit, 7. prune
         gate = dict(base["gate"])
-        gate[version] = {k: decision.new[k] for k in ("mAP", "mINP", "num_valid_queries", "k", "model")}
+        gate[version] = {k: decision.new[k] for k in ("mAP", "mINP", "num_valid_queries", "num_queries", "k",
+                                                      "model", "gate_mAP", "scoring", "num_vectors")}
         gate = dict(list(gate.items())[-GATE_HISTORY:])
         base.update(published_version=version, published_embeddings=base["embeddings"],
                     published_generation=g, gate=gate)
@@ -831,13 +902,12 @@ class Reindexer:
         cfg = self.cfg
         new_labels = gallery_labels(emb_dir)
         old_report = None
-        # one list length for both versions (a gallery smaller than gate_k caps it), so their
-        # mAP@k are comparable
-        k = min(cfg.gate_k, int(self.home.manifest(version)["num_vectors"]))
+        # one list length for both versions, never capped by either gallery's size (a capped k
+        # made a shrunken gallery's mAP@3 look perfect next to the full one's mAP@22)
+        k = cfg.gate_k
         if current is not None:
             cur_manifest = self.home.manifest(current)
             cur_model = str(cur_manifest.get("model"))
-            k = min(k, int(cur_manifest.get("num_vectors") or k))
             pub_emb = self.path(state.get("published_embeddings"))
             if state.get("published_version") == current and pub_emb and os.path.isdir(pub_emb):
                 old_labels = gallery_labels(pub_emb)
@@ -853,7 +923,8 @@ class Reindexer:
                                        f"published version {current} from model {cur_model}")
                 old_report = evaluate_version(self.home, current, pv, old_labels, k, use_cams)
             elif current in state.get("gate", {}):
-                old_report = {**state["gate"][current], "version": current, "recorded": True}
+                old_report = {**state["gate"][current], "version": current, "recorded": True,
+                              "num_vectors": cur_manifest.get("num_vectors")}
             else:
                 raise ReindexError(
                     f"cannot compare with published version {current}: it was built by model {cur_model} and the "
@@ -862,7 +933,7 @@ class Reindexer:
         else:
             use_cams = new_labels.cams is not None
         new_report = evaluate_version(self.home, version, validation, new_labels, k, use_cams)
-        return gate_decision(new_report, old_report, recall, cfg.target_recall, cfg.max_drop)
+        return gate_decision(new_report, old_report, recall, cfg.target_recall, cfg.max_drop, cfg.max_shrink)
 
     def commit(self, state: dict) -> None:
         write_json_atomic(self.state_path, state)
