@@ -110,7 +110,8 @@ class _PartWriter:
         self.dir, self.schema, self.limit = directory, schema, rows_per_file
         self.writer, self.parts, self.in_part, self.rows = None, 0, 0, 0
 
-    def write(self, table) -> None:
+    def write(self, table) -> int:
+        """Write `table`'s rows; returns how many were written."""
         import pyarrow.parquet as pq
 
         table = table.select(self.schema.names).cast(self.schema)
@@ -126,6 +127,7 @@ class _PartWriter:
             start += take
             self.in_part += take
             self.rows += take
+        return table.num_rows
 
     def close(self) -> None:
         if self.writer is not None:
