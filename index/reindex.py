@@ -527,6 +527,7 @@ class ReindexConfig:
     batch_size: int = 65536
     max_error_fraction: float = 0.05
     kill_after: str | None = None
+    model_dir: str | None = None  # recorded in each version's manifest (image search, serving)
 
     def check(self) -> ReindexConfig:
         for name in ("work", "index_root"):
@@ -785,7 +786,8 @@ class Reindexer:
         vectors = os.path.join(cent_dir, CENTROIDS_FILE) if cfg.index_kind == "centroids" else emb_dir
         bcfg = BuildConfig(shards=cfg.shards, index_type=cfg.index_type, target_recall=cfg.target_recall)
         built = build_index(vectors, cfg.index_root, cfg.name, bcfg, publish=False,
-                            version=version, progress=lambda m: self.say(f"reindex: build: {m}"))
+                            version=version, progress=lambda m: self.say(f"reindex: build: {m}"),
+                            model_dir=cfg.model_dir)
         summary.version = version
         recall = version_recall(built.manifest)
         self._step_done("build", t, version=version, vectors=built.manifest["num_vectors"],
