@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -e ".[$(FAISS_EXTRA),dev,plots,pretrained]"
+	$(PY) -m pip install -e ".[$(FAISS_EXTRA),dev,plots,pretrained,export]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
