@@ -96,6 +96,14 @@ class SearchEngine:
     def model_id(self) -> str:
         return self.runner.model_id
 
+    @property
+    def image_ids(self) -> frozenset:
+        """The gallery image ids of this version (empty for a centroid index), computed once."""
+        if getattr(self, "_image_ids", None) is None:
+            _, images = self.index.lookup(np.arange(len(self.index)))
+            self._image_ids = frozenset(() if images is None else images.tolist())
+        return self._image_ids
+
     # --- work ---
     def embed(self, images: Sequence[bytes]):
         """Encoded images -> model.embedding.EmbedResult ((N, D) float32, ok (N,), reasons)."""

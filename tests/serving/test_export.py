@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def export(model_dir, fmt, out):
                         "--format", fmt, "--out", str(out)], check=False, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    return json.loads(open(str(out) + ".json").read())
+    return json.loads(Path(str(out) + ".json").read_text())
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -61,7 +62,7 @@ def test_export_equals_project_embeddings(model_dir, market_mini, tmp_path, fmt)
 
         got = torch.jit.load(str(tmp_path / "m.torchscript")).eval()(torch.from_numpy(x)).detach().numpy()
     runner = ModelRunner(model_dir, device="cpu")
-    want = runner.embed_images([open(p, "rb").read() for p in paths])
+    want = runner.embed_images([Path(p).read_bytes() for p in paths])
     assert want.ok.all() and contract["model"] == runner.model_id
     assert got.shape == want.embeddings.shape == (len(paths), contract["output"]["shape"][1])
     np.testing.assert_allclose(got, want.embeddings, atol=1e-4, rtol=0)
