@@ -47,7 +47,8 @@ def save_tiny_model(directory: str) -> str:
     return save_model(build_model(cfg).eval(), cfg, directory)
 
 
-def embed_files(model_dir: str, root: str, image_ids: list[str], items: list[str], out: str) -> None:
+def embed_files(model_dir: str, root: str, image_ids: list[str], items: list[str], out: str,
+                camera: int = 1) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -61,7 +62,7 @@ def embed_files(model_dir: str, root: str, image_ids: list[str], items: list[str
     schema = embeddings_schema(runner.dim, runner.model_id)
     flat = pa.array(res.embeddings.reshape(-1), pa.float32())
     table = pa.table([pa.array(image_ids, pa.string()), pa.array(items, pa.string()),
-                      pa.array([1] * len(items), pa.int32()), pa.array(["gallery"] * len(items), pa.string()),
+                      pa.array([camera] * len(items), pa.int32()), pa.array(["gallery"] * len(items), pa.string()),
                       pa.FixedSizeListArray.from_arrays(flat, runner.dim)], schema=schema)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     pq.write_table(table, out)
