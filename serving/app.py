@@ -177,7 +177,12 @@ def build_app(index_path: str, model_dir: str | None = None, gallery_images: str
 def start(index_path: str, host: str = "127.0.0.1", port: int = 8000, **kwargs):
     """Start Serve's HTTP proxy on host:port and deploy the application (Ray must be
     initialised). Returns once the replicas answer."""
+    import logging
+
     from ray import serve
 
+    # Serve sets its own logger up on import: keep its INFO lines out of the terminal unless the
+    # job asked for them (pipelines._cli.setup_logging set the root level)
+    logging.getLogger("ray.serve").setLevel(logging.getLogger().getEffectiveLevel())
     serve.start(http_options={"host": host, "port": int(port)})
     serve.run(build_app(index_path, **kwargs), name=APP_NAME, route_prefix="/", blocking=False)
