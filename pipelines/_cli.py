@@ -52,7 +52,7 @@ def split_log_arguments(argv: list[str]) -> tuple[LogOptions, list[str]]:
     """(LogOptions, the remaining arguments) from a command line."""
     import argparse
 
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # never swallow a job's --q...
     add_log_arguments(p)
     known, rest = p.parse_known_args(argv)
     return LogOptions(known.quiet, known.log_level), rest
