@@ -95,6 +95,11 @@ class ResultsWriter:
         self._tmp = self._ctx.__enter__()
         return self
 
+    @property
+    def tmp_dir(self) -> str:
+        """The temporary directory being filled (for side files such as _errors.parquet)."""
+        return self._tmp
+
     def write(self, table: pa.Table) -> None:
         if table.schema.remove_metadata() != RESULTS_SCHEMA:
             table = table.cast(RESULTS_SCHEMA)

@@ -1,21 +1,83 @@
-"""What every job shares: one-line errors with a non-zero exit, and connecting to Ray.
+"""What every job shares: one-line errors with a non-zero exit, quiet logs, and connecting to Ray.
 
 A job's `main(argv)` raises on bad input; `run_main` turns that into `error: <reason>` on
 stderr and exit status 2 (set CR_DEBUG=1 to see the traceback instead).
+
+Every job accepts --quiet (no progress bars, only the job's final lines and errors) and
+--log-level (of the libraries' loggers, Ray's included; default warning): `run_main` takes them
+off the command line before the job parses it. Ray's INFO lines and its workers' output stay in
+Ray's own log files (/tmp/ray/session_latest/logs) unless --log-level info or debug.
 """
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 # Errors that mean "bad input or environment", reported in one line.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError, KeyError, OSError, RuntimeError)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class LogOptions:
+    quiet: bool = False
+    level: str = "warning"
+
+    def __post_init__(self):
+        if self.level not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
+
+
+_LOG = LogOptions()
+
+
+def log_options() -> LogOptions:
+    """The --quiet / --log-level the job was started with."""
+    return _LOG
+
+
+def add_log_arguments(parser) -> None:
+    """Document --quiet / --log-level in a job's --help (run_main applies them)."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bars; only results and errors")
+    parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                        help="level of library and Ray log lines shown (default warning)")
+
+
+def split_log_arguments(argv: list[str]) -> tuple[LogOptions, list[str]]:
+    """(LogOptions, the remaining arguments) from a command line."""
+    import argparse
+
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # never swallow a job's --q...
+    add_log_arguments(p)
+    known, rest = p.parse_known_args(argv)
+    return LogOptions(known.quiet, known.log_level), rest
+
+
+def setup_logging(options: LogOptions) -> None:
+    """Python logging at the chosen level; Ray's loggers too; tqdm bars off with --quiet."""
+    import logging
+
+    global _LOG
+    _LOG = options
+    level = getattr(logging, options.level.upper())
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune"):
+        logging.getLogger(name).setLevel(level)
+    if options.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it: every bar, ours and Ray Data's
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")  # repeated worker lines once, with a count
+
+
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     try:
+        options, argv = split_log_arguments(sys.argv[1:] if argv is None else list(argv))
+        setup_logging(options)
         rc = main(argv)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -38,14 +100,28 @@ def add_ray_arguments(parser) -> None:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Attach to `address` / $RAY_ADDRESS, or start Ray inside this process."""
+    import logging
+
     import ray  # heavy: imported only by jobs that use it
 
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"log_to_driver": True, "include_dashboard": False}
+    # workers' output reaches the terminal only when asked for (--log-level info/debug); Ray's
+    # session log files keep it either way
+    verbose = _LOG.level in ("debug", "info")
+    level = getattr(logging, _LOG.level.upper())
+    kwargs = {"log_to_driver": verbose, "logging_level": level}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = not _LOG.quiet
+        ctx.print_on_execution_start = verbose
+    except (ImportError, AttributeError):  # Ray without Data: nothing to quiet
+        pass
     return ray

@@ -42,6 +42,10 @@ def parse_args(argv=None):
                         "queries of the original model through it")
     p.add_argument("--whiten-dim", type=int, default=None,
                    help="with --whiten: keep only the leading DIM components (default: all)")
+    p.add_argument("--model", default=None, metavar="MODEL_DIR",
+                   help="the model directory the vectors were embedded with: recorded in the version's "
+                        "manifest so search.py / serve.py embed queries with it (checked against the "
+                        "vectors' model id)")
     return p.parse_args(argv)
 
 
@@ -52,19 +56,33 @@ def main(argv=None) -> int:
     if args.whiten_dim is not None and not args.whiten:
         raise ValueError("--whiten-dim needs --whiten FILE.npz")
 
+    if args.model:
+        check_model_dir(args.model, args.vectors)
     cfg = BuildConfig(shards=args.shards, index_type=args.index_type, max_memory_gb=args.max_memory,
                       target_recall=args.target_recall, eval_queries=args.eval_queries,
                       batch_size=args.batch_size, seed=args.seed,
                       whitening=args.whiten, whiten_dim=args.whiten_dim,
                       use_gpu={"auto": None, "yes": True, "no": False}[args.gpu])
     res = build_index(args.vectors, args.root, args.name, cfg, publish=not args.no_publish,
-                      version=args.version, progress=lambda m: print(m, flush=True))
+                      version=args.version, progress=lambda m: print(m, flush=True),
+                      model_dir=args.model)
     m = res.manifest
     print(json.dumps({"version": res.version, "path": res.path, "published": res.published,
                       "index_type": m["index_type"], "num_vectors": m["num_vectors"],
                       "search_params": m["search_params"], "recall": m["recall"],
                       "seconds": round(res.seconds, 2)}))
     return 0
+
+
+def check_model_dir(model_dir: str, vectors: str) -> None:
+    """--model must be the model the vectors were embedded with (same id)."""
+    from contracts.vectors import open_dataset, read_metadata
+    from serving.engine import model_identity
+
+    want = read_metadata(open_dataset(vectors).schema, vectors).model
+    got = model_identity(model_dir)
+    if got != want:
+        raise ValueError(f"--model {model_dir} is model {got!r} but {vectors} was embedded with model {want!r}")
 
 
 if __name__ == "__main__":

@@ -212,11 +212,50 @@ def evaluate_results(args) -> int:
         write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
         print(f"report: {args.out}")
     if args.report:
-        from index.evaluation.report import write_report
-
-        write_report(args.report, [report], notes=[f"results: {args.results}"])
-        print(f"report directory: {args.report}")
+        write_results_report(args, report, (q_ids, q_items, q_cams), (g_ids, g_cams))
+    elif args.images:
+        raise ValueError("--images is for the --report pictures")
     return 0
+
+
+def write_results_report(args, report, query, gallery) -> None:
+    """--results --report: the report page plus the retrieved lists of --samples queries drawn
+    as pictures (coloured by the labels, as the full evaluation draws them)."""
+    import numpy as np
+
+    from index.evaluation.report import report_slug, write_report
+    from contracts.results import read_ranked_lists
+    from serving.pictures import results_rows
+
+    q_ids, q_items, q_cams = query
+    g_ids, g_cams = gallery
+    lists = read_ranked_lists(args.results)
+    known = set(q_ids)
+    answered = [q for q in lists.query_ids if q in known]
+    picks = sorted({answered[int(i)] for i in np.linspace(0, len(answered) - 1, min(args.samples, len(answered)))}) \
+        if answered and args.samples else []
+    rows = []
+    if picks:
+        lists = read_ranked_lists(args.results, query_ids=picks)
+        cam = (lambda cams, i: None if cams is None or cams[i] is None or cams[i] < 0 else int(cams[i]))
+        rows = results_rows(picks, lists.item_ids, lists.image_ids, lists.scores, lists.valid, top=10,
+                            query_items=dict(zip(q_ids, q_items)),
+                            query_cams={q: cam(q_cams, i) for i, q in enumerate(q_ids)},
+                            gallery_cams={g: cam(g_cams, i) for i, g in enumerate(g_ids)})
+    read_image = None
+    notes = [f"results: {args.results}"]
+    if args.images:
+        from pipelines._images import image_reader
+
+        wanted = {t.image_id for r in rows for t in [r.query, *r.results] if t.image_id is not None}
+        read_image = image_reader(args.images, args.image_root, wanted)
+    elif rows:
+        notes.append("No --images given: the pictures show image ids.")
+    if rows and lists.image_ids is None:
+        notes.append("Centroid-mode results have no gallery image: the tiles show item ids.")
+    names = write_report(args.report, [report], ranked={report_slug(report): rows} if rows else None,
+                         read_image=read_image, notes=notes)
+    print(f"report directory: {args.report} ({', '.join(names)})")
 
 
 if __name__ == "__main__":

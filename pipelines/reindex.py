@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         target_recall=args.target_recall, keep=args.keep, shards=args.shards, index_type=args.index_type,
         index_kind=args.index_kind, gate_k=args.gate_k, max_error_fraction=args.max_error_fraction,
         max_shrink=args.max_shrink,
-        kill_after=os.environ.get(KILL_ENV) or None).check()
+        kill_after=os.environ.get(KILL_ENV) or None,
+        model_dir=args.model if "://" in args.model else os.path.abspath(args.model)).check()
     print(f"reindex: {manifest.num_rows} {args.split} images in {args.gallery_manifest}, model {model_id}, "
           f"index {os.path.join(args.index_root, args.name)}", flush=True)
 

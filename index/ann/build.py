@@ -368,8 +368,12 @@ def _recall_record(recall: float | None, cfg: BuildConfig, n_eval: int) -> dict:
 
 
 def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConfig(),
-                publish: bool = True, version: str | None = None, progress=None) -> BuildResult:
+                publish: bool = True, version: str | None = None, progress=None,
+                model_dir: str | None = None) -> BuildResult:
     """Build a new version of ``root/name`` from the Parquet file/dir `vectors`.
+
+    model_dir: the model directory the vectors were embedded with, recorded in the manifest
+    ("model_dir") so that image search and the service embed queries with that same model.
 
     Returns a BuildResult; with publish=True CURRENT points at the new version afterwards.
     Raises IndexBuildError / VectorFileError on bad input; nothing is left behind on error.
@@ -546,6 +550,8 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
             "search_params": params,
             "recall": _recall_record(recall, cfg, n_eval),
             **extra,
+            **({"model_dir": os.path.abspath(model_dir) if "://" not in str(model_dir) else str(model_dir)}
+               if model_dir else {}),
             "build": {"seconds": round(time.perf_counter() - t0, 3), "gpu": gpu,
                       "faiss_version": faiss.__version__,
                       "config": asdict(cfg), "timings": {k: round(v, 3) for k, v in timings.items()}},

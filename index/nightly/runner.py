@@ -576,6 +576,7 @@ class ReindexConfig:
     max_error_fraction: float = 0.05
     max_shrink: float = 0.1
     kill_after: str | None = None
+    model_dir: str | None = None  # recorded in each version's manifest (image search, serving)
 
     def check(self) -> ReindexConfig:
         for name in ("work", "index_root"):
@@ -854,7 +855,8 @@ class Reindexer:
         vectors = os.path.join(cent_dir, CENTROIDS_FILE) if kind == "centroids" else emb_dir
         bcfg = BuildConfig(shards=shards, index_type=cfg.index_type, target_recall=cfg.target_recall)
         built = build_index(vectors, cfg.index_root, cfg.name, bcfg, publish=False,
-                            version=version, progress=lambda m: self.say(f"reindex: build: {m}"))
+                            version=version, progress=lambda m: self.say(f"reindex: build: {m}"),
+                            model_dir=cfg.model_dir)
         summary.version = version
         recall = version_recall(built.manifest)
         self._step_done("build", t, version=version, vectors=built.manifest["num_vectors"],
