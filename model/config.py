@@ -29,6 +29,7 @@ BACKBONE_DIMS = {
     "efficientnet_lite0": 1280,
 }
 POOLINGS = ("avg", "max", "gem", "rmac")
+NECK_FEATS = ("after", "before")  # which side of the BN-neck is the inference embedding
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ModelConfig:
     num_classes is the number of training identities (0 = no classifier head, inference only).
     flip_test: embed an image as the mean of its and its horizontal mirror's post-BN features
     (then L2-normalised); it changes every embedding, so it is part of the stored config.
+    neck_feat: the inference embedding is the feature after the BN-neck ("after", the strong
+    baseline's choice) or the pooled feature before it ("before").
     """
 
     backbone: str = "resnet50"
@@ -52,12 +55,15 @@ class ModelConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     embedding_dim: int = 0
     flip_test: bool = True         # embedding = mean of the image's and its mirror's, then L2
+    neck_feat: str = "after"       # inference feature: after the BN-neck (DESIGN) or "before" it
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_DIMS:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose from {sorted(BACKBONE_DIMS)}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose from {list(POOLINGS)}")
+        if self.neck_feat not in NECK_FEATS:
+            raise ValueError(f"neck_feat must be one of {list(NECK_FEATS)}, got {self.neck_feat!r}")
         if self.last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
         if self.num_classes < 0:

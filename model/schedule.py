@@ -28,7 +28,7 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*$", re.IGNORECASE)
 
 
-def parse_duration(text: str | float | int) -> float:
+def parse_duration(text: str | float) -> float:
     """'30m', '1800s', '1h', '1.5h' or a bare number of seconds -> seconds (float > 0).
 
     Raises ValueError naming the bad text for anything else (negative, zero, unknown unit).
@@ -67,13 +67,13 @@ def planned_epochs(budget_s: float, elapsed_s: float, epochs_done: int) -> int:
         raise ValueError("planned_epochs needs at least one measured epoch")
     mean_epoch = max(elapsed_s, 1e-9) / epochs_done
     remaining = budget_s - elapsed_s
-    more = int(math.floor(remaining / mean_epoch + 1e-9)) if remaining > 0 else 0
+    more = math.floor(remaining / mean_epoch + 1e-9) if remaining > 0 else 0
     return epochs_done + max(0, more)
 
 
 def progress_milestones(total_epochs: int, milestone_fracs: tuple[float, ...]) -> tuple[int, ...]:
     """Fractions of the run -> 0-based epochs where the step decay applies (for logs/records)."""
-    return tuple(int(math.ceil(f * total_epochs - 1e-9)) for f in milestone_fracs)
+    return tuple(math.ceil(f * total_epochs - 1e-9) for f in milestone_fracs)
 
 
 def budget_lr_factor(epoch: int, total_epochs: int, schedule: str = "step",

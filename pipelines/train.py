@@ -12,9 +12,14 @@ a worker that dies is restarted from it (up to --max-failures times).
 Configuration: --config YAML (sections model, data, train, run; see model/config.py),
 then --set section.key=value overrides, then the explicit options below (highest priority).
 
-Example (CPU, 2 workers, ImageNet Lite0 start):
+With --time-budget (30m, 1800s, 1h) the run is sized to the wall clock instead of --epochs:
+epoch 0 measures the pace, the epochs and the LR schedule (warm-up, decay points as fractions
+of the run) follow it, and the run stops at the budget with a final checkpoint and model.
+The model directory's training.json records the whole recipe and the budget (docs/recipe.md).
+
+Example (CPU, 2 workers, ImageNet Lite0 start, the default recipe held to 30 minutes):
     python pipelines/train.py --shards outputs/market/shards --backbone efficientnet_lite0 \\
-        --pretrained lite0-imagenet --input-size 128 64 --epochs 60 --num-workers 2 \\
+        --pretrained lite0-imagenet --input-size 128 64 --time-budget 30m --num-workers 2 \\
         --name market-ctl --output outputs/models/market-ctl
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
@@ -51,6 +56,8 @@ SHORTCUTS = [
     ("--backbone", "model.backbone", str,
      "resnet18 | resnet34 | resnet50 | resnet50_ibn_a | efficientnet_lite0 (resnet50)"),
     ("--pooling", "model.pooling", str, "avg | max | gem | rmac (rmac)"),
+    ("--neck-feat", "model.neck_feat", str,
+     "inference embedding: after | before the BN-neck (after)"),
     ("--gem-p", "model.gem_p", float, "GeM: starting exponent p, learned from there (3.0)"),
     ("--flip-test", "model.flip_test", str,
      "test-time flip: embed as the mean of the image and its mirror: true | false (true)"),
@@ -377,6 +384,9 @@ def format_epoch(m: dict) -> str:
             f"images={m['images']} {m['images_per_s']:.1f} img/s ({m['epoch_seconds']:.1f}s)")
     if m.get("skipped_images"):
         line += f" skipped={m['skipped_images']}"
+    if "planned_epochs" in m:
+        line += (f" [budget: {m['trained_s']:.0f}/{m['time_budget_s']:.0f} s, "
+                 f"{m['planned_epochs']} epochs planned]")
     if "instance_mAP" in m:
         line += (f" | instance mAP={m['instance_mAP']:.4f} R1={m['instance_rank1']:.4f}"
                  f" centroid mAP={m['centroid_mAP']:.4f} R1={m['centroid_rank1']:.4f}")

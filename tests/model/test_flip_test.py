@@ -83,7 +83,7 @@ def test_flip_is_recorded_and_old_configs_embed_without_it(tmp_path):
 def test_flip_changes_the_stored_config(tmp_path):
     # the field is in the ModelConfig dataclass, so config.json (what the model id is to cover)
     # differs between a flip and a plain model with the same weights
-    a, b = _save(tmp_path, False), _save(tmp_path, True)
+    _save(tmp_path, False), _save(tmp_path, True)
     assert (tmp_path / "plain" / "config.json").read_text() != (tmp_path / "flip" / "config.json").read_text()
     assert (tmp_path / "plain" / "model.pt").read_bytes() == (tmp_path / "flip" / "model.pt").read_bytes()
 
@@ -116,3 +116,20 @@ def test_validation_embedding_follows_the_config(tmp_path):
     np.testing.assert_allclose(got_flip, runner.embed_images([s[1] for s in samples]).embeddings,
                                atol=1e-4)
     assert np.abs(got_flip - got_plain).max() > 1e-3
+
+
+def test_neck_feat_picks_the_side_of_the_bn_neck():
+    torch.manual_seed(2)
+    after = build_model(ModelConfig(backbone="resnet18", pooling="avg", input_size=(32, 16))).eval()
+    before = build_model(ModelConfig(backbone="resnet18", pooling="avg", input_size=(32, 16),
+                                     neck_feat="before")).eval()
+    before.load_state_dict(after.state_dict())
+    with torch.no_grad():
+        after.bottleneck.running_mean.normal_()
+        before.bottleneck.running_mean.copy_(after.bottleneck.running_mean)
+        x = torch.randn(2, 3, 32, 16)
+        pooled = after.pool(after.backbone(x))
+        torch.testing.assert_close(before(x), pooled)
+        torch.testing.assert_close(after(x), after.bottleneck(pooled))
+    with pytest.raises(ValueError, match="neck_feat"):
+        ModelConfig(neck_feat="middle")

@@ -1,11 +1,18 @@
 """Budgeted training arithmetic (model/schedule.py) and its config fields: pure, no Ray."""
+import itertools
 import math
 
 import pytest
 
 from model.config import TrainConfig, load_config
-from model.schedule import (BudgetPlan, budget_lr_factor, format_duration, parse_duration,
-                            planned_epochs, progress_milestones)
+from model.schedule import (
+    BudgetPlan,
+    budget_lr_factor,
+    format_duration,
+    parse_duration,
+    planned_epochs,
+    progress_milestones,
+)
 
 
 @pytest.mark.parametrize("text,seconds", [("30m", 1800), ("1800s", 1800), ("1h", 3600),
@@ -47,7 +54,7 @@ def test_budget_plan_replans_from_the_mean_pace_and_stops_at_the_budget():
 
 
 def test_step_schedule_in_fractions_of_the_run():
-    kw = dict(schedule="step", warmup_frac=0.1, warmup_factor=0.01, milestone_fracs=(0.7, 0.9))
+    kw = {"schedule": "step", "warmup_frac": 0.1, "warmup_factor": 0.01, "milestone_fracs": (0.7, 0.9)}
     f = [budget_lr_factor(e, 20, **kw) for e in range(20)]
     assert f[0] == pytest.approx(0.01)                       # warm-up starts low
     assert f[1] == pytest.approx(0.01 * 0.5 + 0.5)           # halfway through the 2-epoch warm-up
@@ -63,7 +70,7 @@ def test_step_schedule_in_fractions_of_the_run():
 def test_cosine_schedule_decays_smoothly_after_warm_up():
     f = [budget_lr_factor(e, 10, "cosine", 0.2, 0.01) for e in range(10)]
     assert f[0] == pytest.approx(0.01) and f[2] == pytest.approx(1.0)
-    assert all(a > b for a, b in zip(f[2:], f[3:])) and f[-1] > 0
+    assert all(a > b for a, b in itertools.pairwise(f[2:])) and f[-1] > 0
     assert f[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     with pytest.raises(ValueError, match="unknown schedule"):
         budget_lr_factor(0, 10, "linear")
