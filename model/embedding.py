@@ -208,7 +208,11 @@ class EmbedResult:
 
 
 class ModelRunner:
-    """A loaded model plus its eval transform; embeds lists of encoded images."""
+    """A loaded model plus its eval transform; embeds lists of encoded images.
+
+    flip: test-time flip, from the model config's `flip_test` (off for a bare runner)."""
+
+    flip = False
 
     def __init__(self, model_dir: str, device: str = "auto", threads: int | None = None,
                  decode_threads: int = 1, freeze: bool = True):
@@ -219,6 +223,7 @@ class ModelRunner:
             torch.set_num_threads(int(threads))
         self.device = pick_device(device)
         net, self.cfg, self.model_id = load_model(model_dir)
+        self.flip = bool(self.cfg.flip_test)
         self.net = prepare_model(net, self.device, tuple(self.cfg.input_size), freeze)
         tf = batch_transform(self.cfg)
         self.transform, self.collate = tf.resize, tf.normalize
@@ -230,7 +235,7 @@ class ModelRunner:
         x, ok, reasons = preprocess(images, self.decode, self.transform, self.pool, self.collate)
         out = np.zeros((len(images), self.dim), np.float32)
         if x is not None:
-            emb = forward_embeddings(self.net, x, self.device, flip=bool(self.cfg.flip_test))
+            emb = forward_embeddings(self.net, x, self.device, flip=self.flip)
             bad = ~np.isfinite(emb).all(axis=1)
             out[ok] = emb
             if bad.any():  # a NaN embedding is an error of that image, never written
