@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo", help="work directory (default outputs/demo)")
     p.add_argument("--items", type=int, default=160, help="synthetic identities (half train, half test)")
     p.add_argument("--images-per-item", type=int, default=12)
-    p.add_argument("--budget", default="60s",
-                   help="training wall clock (train.py --time-budget; default 60s)")
+    p.add_argument("--budget", default="2m",
+                   help="training wall clock (train.py --time-budget; default 2m)")
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--shards", type=int, default=2, help="index shards")
     p.add_argument("--rerank", default="kreciprocal", help="re-ranking for the query step")
