@@ -84,8 +84,9 @@ def run(args: list, log: pathlib.Path) -> None:
         r = subprocess.run([sys.executable, *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
                            cwd=REPO, check=False)
     if r.returncode:
-        tail = log.read_text().strip().splitlines()[-1:] or [""]
-        raise SystemExit(f"failed (exit {r.returncode}): {tail[0][:200]}; log {log}")
+        lines = log.read_text().strip().splitlines() or [""]
+        why = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1])
+        raise SystemExit(f"failed (exit {r.returncode}): {why[:300]}; log {log}")
 
 
 def ensure_shards(shards: pathlib.Path, data: pathlib.Path, log: pathlib.Path) -> pathlib.Path:
@@ -241,7 +242,10 @@ def main() -> None:
         if not rows:
             raise SystemExit(f"no runs in {rel(a.results)}")
         given = any(x == "--budget" or x.startswith("--budget=") for x in sys.argv[1:])
-        print(render_table(summarize(rows, a.budget_s if given else None)))
+        summary = summarize(rows, a.budget_s if given else None)
+        if not summary:
+            raise SystemExit(f"no runs of {format_duration(a.budget_s)} in {rel(a.results)}")
+        print(render_table(summary))
         return
     names = LEVER_NAMES if a.only is None else [n.strip() for n in a.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in LEVER_NAMES]

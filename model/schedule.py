@@ -132,6 +132,14 @@ class BudgetPlan:
     def more(self) -> bool:
         return self.epochs_done < self.total_epochs
 
+    def rebudget(self, budget_s: float) -> None:
+        """A resumed run given another budget: re-plan what is left from the pace so far."""
+        if not budget_s > 0:
+            raise ValueError(f"budget_s must be > 0, got {budget_s}")
+        self.budget_s = float(budget_s)
+        if self.epochs_done:
+            self.total_epochs = planned_epochs(self.budget_s, self.trained_s, self.epochs_done)
+
     def as_dict(self) -> dict:
         return asdict(self)
 

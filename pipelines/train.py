@@ -213,6 +213,8 @@ def train_loop_per_worker(config: dict) -> None:
     if tcfg.time_budget_s > 0:
         saved = state.get("budget") if checkpoint is not None else None
         plan = BudgetPlan.from_dict(saved) if saved else BudgetPlan(tcfg.time_budget_s)
+        if plan.budget_s != tcfg.time_budget_s:  # resumed with a new budget: extend/shorten
+            plan.rebudget(tcfg.time_budget_s)
         if checkpoint is None:
             log(f"time budget {format_duration(tcfg.time_budget_s)}: epoch 0 measures the pace, "
                 "the epochs and the LR schedule follow it")

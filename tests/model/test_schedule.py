@@ -51,6 +51,8 @@ def test_budget_plan_replans_from_the_mean_pace_and_stops_at_the_budget():
     assert again == plan and not again.more()
     with pytest.raises(ValueError):
         BudgetPlan(0)
+    again.rebudget(200.0)  # resumed with twice the budget: 100 s more at 100/6 s per epoch
+    assert again.total_epochs == 12 and again.more()
 
 
 def test_step_schedule_in_fractions_of_the_run():
