@@ -63,7 +63,8 @@ def make_data(work: pathlib.Path, n: int, backbone: str, shard_size: int) -> lis
 
 
 def raw_forward(model_dir: str, images: list[bytes], batch_size: int, threads: int, warmup: int = 1) -> float:
-    """Images/s of forward + normalise on pre-decoded tensors, in this process."""
+    """Images/s of forward (+ test-time flip when the model says so) + normalise on
+    pre-decoded tensors, in this process."""
     import torch
 
     from model.checkpoint import load_model
@@ -77,10 +78,10 @@ def raw_forward(model_dir: str, images: list[bytes], batch_size: int, threads: i
     x = torch.stack([tf(decode_image(b)) for b in images])
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     for b in batches[:warmup]:
-        forward_embeddings(net, b, "cpu")
+        forward_embeddings(net, b, "cpu", flip=cfg.flip_test)  # as the actors do
     t = time.perf_counter()
     for b in batches:
-        forward_embeddings(net, b, "cpu")
+        forward_embeddings(net, b, "cpu", flip=cfg.flip_test)  # as the actors do
     return len(x) / (time.perf_counter() - t)
 
 

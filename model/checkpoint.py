@@ -27,12 +27,14 @@ from model.net import ReIDNet, build_model
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
+TRAINING_FILE = "training.json"  # optional: the run's full recipe, budget and outcome (train.py)
 LITE0_IMAGENET = "lite0-imagenet"
 
 __all__ = [
     "CONFIG_FILE",
     "LITE0_IMAGENET",
     "MODEL_FILE",
+    "TRAINING_FILE",
     "LoadReport",
     "build_model",
     "load_model",
@@ -102,10 +104,11 @@ def _state_dict_bytes(net) -> bytes:
     return buf.getvalue()
 
 
-def save_model(net, cfg: ModelConfig, directory: str) -> str:
-    """Write `net`'s weights and `cfg` to `directory` atomically; returns the model id."""
+def save_model(net, cfg: ModelConfig, directory: str, extra_files: dict | None = None) -> str:
+    """Write `net`'s weights and `cfg` to `directory` atomically; returns the model id.
+    extra_files: {file name: bytes} written in the same atomic step (e.g. TRAINING_FILE)."""
     data = _state_dict_bytes(net)
-    files = {MODEL_FILE: data, CONFIG_FILE: cfg.to_json().encode()}
+    files = {MODEL_FILE: data, CONFIG_FILE: cfg.to_json().encode(), **(extra_files or {})}
     fs, target = _resolve(directory)
     parent, base = os.path.split(target.rstrip("/"))
     tmp = f"{parent}/.tmp-{base}-{uuid.uuid4().hex[:8]}"

@@ -76,9 +76,11 @@ class BatchLoader:
 def embed_rows(net, index: SampleIndex, rows: np.ndarray, transform: Callable,
                batch_size: int = 128, device: str = "cpu", threads: int = 2,
                max_pixels: int = DEFAULT_MAX_PIXELS, channels_last: bool = False,
-               amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               amp: bool = False, flip: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Embed the samples `rows` of `index` with `net` in eval mode.
 
+    flip: test-time flip (mean of the image's and its mirror's output, then L2-normalised);
+    None = as the network's config says (`flip_test`), like embed.py.
     Returns (rows actually embedded (K,) int64 — unreadable images are left out,
     L2-normalised embeddings (K, D) float32). The module's train/eval mode is restored.
     """
@@ -88,6 +90,8 @@ def embed_rows(net, index: SampleIndex, rows: np.ndarray, transform: Callable,
     batches = ((rows[s:s + batch_size], np.zeros(len(rows[s:s + batch_size]), np.int64))
                for s in range(0, len(rows), batch_size))
     loader = BatchLoader(index, batches, transform, threads=threads, max_pixels=max_pixels)
+    if flip is None:
+        flip = bool(getattr(getattr(net, "module", net).cfg, "flip_test", False))
     was_training = net.training
     net.eval()
     out_rows, out = [], []
@@ -100,6 +104,8 @@ def embed_rows(net, index: SampleIndex, rows: np.ndarray, transform: Callable,
                 with torch.autocast(device_type="cuda", dtype=torch.float16,
                                     enabled=amp and device.startswith("cuda")):
                     e = net(x).float()
+                    if flip:
+                        e = (e + net(x.flip(-1)).float()) * 0.5
                 out.append(torch.nn.functional.normalize(e, dim=1).cpu().numpy())
                 out_rows.append(r)
     finally:

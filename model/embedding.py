@@ -174,19 +174,27 @@ def prepare_model(net, device: str, input_size: tuple[int, int] | None = None,
     return net
 
 
-def forward_embeddings(net, x, device: str) -> np.ndarray:
+def forward_embeddings(net, x, device: str, flip: bool = False) -> np.ndarray:
     """Batched inference: x (B, 3, H, W) float32 -> (B, D) float32 L2-normalised numpy.
-    GPU: fp16 autocast + channels_last input; CPU: fp32."""
+    GPU: fp16 autocast + channels_last input; CPU: fp32.
+
+    flip (test-time flip, the model config's `flip_test`): the embedding is the mean of the
+    net's outputs for x and for x mirrored left-right (x.flip(-1)), then L2-normalised.
+    """
     import torch
 
-    with torch.inference_mode():
+    def run(batch):
         if device.startswith("cuda"):
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16):
-                y = net(x)
-        else:
-            y = net(x.to(device))
-        y = torch.nn.functional.normalize(y.float(), dim=1)  # normalise in fp32
+                return net(batch).float()
+        return net(batch.to(device)).float()
+
+    with torch.inference_mode():
+        y = run(x)
+        if flip:
+            y = (y + run(x.flip(-1))) * 0.5
+        y = torch.nn.functional.normalize(y, dim=1)  # normalise in fp32
         return y.cpu().numpy().astype(np.float32, copy=False)
 
 
@@ -200,7 +208,11 @@ class EmbedResult:
 
 
 class ModelRunner:
-    """A loaded model plus its eval transform; embeds lists of encoded images."""
+    """A loaded model plus its eval transform; embeds lists of encoded images.
+
+    flip: test-time flip, from the model config's `flip_test` (off for a bare runner)."""
+
+    flip = False
 
     def __init__(self, model_dir: str, device: str = "auto", threads: int | None = None,
                  decode_threads: int = 1, freeze: bool = True):
@@ -211,6 +223,7 @@ class ModelRunner:
             torch.set_num_threads(int(threads))
         self.device = pick_device(device)
         net, self.cfg, self.model_id = load_model(model_dir)
+        self.flip = bool(self.cfg.flip_test)
         self.net = prepare_model(net, self.device, tuple(self.cfg.input_size), freeze)
         tf = batch_transform(self.cfg)
         self.transform, self.collate = tf.resize, tf.normalize
@@ -222,7 +235,7 @@ class ModelRunner:
         x, ok, reasons = preprocess(images, self.decode, self.transform, self.pool, self.collate)
         out = np.zeros((len(images), self.dim), np.float32)
         if x is not None:
-            emb = forward_embeddings(self.net, x, self.device)
+            emb = forward_embeddings(self.net, x, self.device, flip=self.flip)
             bad = ~np.isfinite(emb).all(axis=1)
             out[ok] = emb
             if bad.any():  # a NaN embedding is an error of that image, never written

@@ -18,7 +18,8 @@ from model.pooling import build_pooling
 
 class ReIDNet(nn.Module):
     """Train mode: forward(x) -> (global feature (B, D), bn feature (B, D), logits (B, C) or None).
-    Eval mode: forward(x) -> post-BN embedding (B, D) float32 (not L2-normalised).
+    Eval mode: forward(x) -> embedding (B, D) float32 (not L2-normalised): the post-BN
+    feature, or the pre-BN one when cfg.neck_feat == "before".
     x: (B, 3, H, W) float, normalised with cfg.mean/std.
     """
 
@@ -40,7 +41,7 @@ class ReIDNet(nn.Module):
         feat = self.pool(self.backbone(x))
         bn = self.bottleneck(feat)
         if not self.training:
-            return bn.float()
+            return (feat if self.cfg.neck_feat == "before" else bn).float()
         logits = self.classifier(bn) if self.classifier is not None else None
         return feat, bn, logits
 

@@ -9,7 +9,8 @@ Recipe (DESIGN.md): loss = ce_weight * CE(label smoothing, post-BN logits)
 their own SGD (center_lr) and, as in the strong baseline, their gradient is divided by
 center_weight before that step so the centers move at center_lr whatever the loss weight.
 Learning rate per epoch: linear warm-up from lr * warmup_factor over warmup_epochs, then
-x gamma at each milestone.
+x gamma at each milestone; a run held to a time budget passes its own factor instead
+(model/schedule.py: the same shape in fractions of the planned run).
 """
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def build_optimizers(net, center: CenterLoss | None, tcfg: TrainConfig):
     return opt, copt
 
 
-def set_lr(opt, epoch: int, tcfg: TrainConfig) -> float:
-    lr = tcfg.lr * lr_factor(epoch, tcfg)
+def set_lr(opt, epoch: int, tcfg: TrainConfig, factor: float | None = None) -> float:
+    """Set and return the LR of `epoch`: tcfg.lr x `factor`, or x lr_factor(epoch) if None."""
+    lr = tcfg.lr * (lr_factor(epoch, tcfg) if factor is None else factor)
     for g in opt.param_groups:
         g["lr"] = lr
     return lr
@@ -113,16 +115,17 @@ class EpochStats:
 
 def train_epoch(net, center: CenterLoss | None, opt, copt, batches, tcfg: TrainConfig,
                 epoch: int, device: str = "cpu", scaler=None, channels_last: bool = False,
-                log_every: int = 0, log=print) -> EpochStats:
+                log_every: int = 0, log=print, lr_scale: float | None = None) -> EpochStats:
     """Run one epoch over `batches` (iterable of (images (N, 3, H, W), labels (N,), ...)).
 
     `net` may be wrapped in DistributedDataParallel; every `tcfg.accum_steps` batches make one
     optimiser step (DDP gradient sync only on that last micro-batch). AMP is used when `scaler`
-    is given (CUDA). Returns this rank's EpochStats.
+    is given (CUDA). lr_scale: this epoch's multiplier of tcfg.lr (None = the epoch schedule,
+    `lr_factor`). Returns this rank's EpochStats.
     """
     import contextlib
 
-    lr = set_lr(opt, epoch, tcfg)
+    lr = set_lr(opt, epoch, tcfg, lr_scale)
     net.train()
     sums: dict[str, float] = defaultdict(float)
     n_batches = images = 0
@@ -190,9 +193,12 @@ def _step(opt, copt, center, tcfg: TrainConfig, scaler) -> None:
 
 # ------------------------------------------------------------------------- checkpoint state
 
-def training_state(net, center, opt, copt, scaler, epoch: int, config: dict) -> dict:
+def training_state(net, center, opt, copt, scaler, epoch: int, config: dict,
+                   budget: dict | None = None) -> dict:
     """Everything needed to resume after `epoch` (0-based, completed). Plain tensors and
-    Python values only, so it loads with torch.load(weights_only=True)."""
+    Python values only, so it loads with torch.load(weights_only=True). `budget`: the time
+    budget's bookkeeping (seconds trained so far, planned epochs), so a resumed run keeps
+    counting against the same budget."""
     module = getattr(net, "module", net)
     return {
         "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
@@ -202,6 +208,7 @@ def training_state(net, center, opt, copt, scaler, epoch: int, config: dict) -> 
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": int(epoch),
         "config": config,
+        "budget": budget,
     }
 
 

@@ -2,7 +2,8 @@
 
     python pipelines/demo.py --out outputs/demo        (what `make demo` runs)
 
-synthetic dataset -> shards -> short CTL training -> embed -> centroids -> sharded index
+synthetic dataset -> shards -> short CTL training (train.py's default recipe held to a short
+--budget, docs/recipe.md) -> embed -> centroids -> sharded index
 -> batch query with re-ranking -> evaluation report (JSON + HTML with pictures).
 Each step is the same command a user runs (printed before it runs); nothing is downloaded:
 the network starts from the ImageNet EfficientNet-Lite0 weights of a local package when it is
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo", help="work directory (default outputs/demo)")
     p.add_argument("--items", type=int, default=160, help="synthetic identities (half train, half test)")
     p.add_argument("--images-per-item", type=int, default=12)
-    p.add_argument("--epochs", type=int, default=25, help="training epochs")
+    p.add_argument("--budget", default="2m",
+                   help="training wall clock (train.py --time-budget; default 2m)")
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--shards", type=int, default=2, help="index shards")
     p.add_argument("--rerank", default="kreciprocal", help="re-ranking for the query step")
@@ -71,8 +73,8 @@ def main(argv=None) -> int:
          "--shard-size", 200, log=log)
     pretrained = ["--pretrained", "lite0-imagenet"] if lite0_weights_available() else []
     step("train (Ray Train, DDP, CTL)", "train.py", "--shards", shards / "shards",
-         "--backbone", "efficientnet_lite0", *pretrained, "--input-size", 64, 32, "--epochs", args.epochs,
-         "--warmup-epochs", 3, "--P", 8, "--M", 4, "--num-workers", args.num_workers, "--name", "demo",
+         "--backbone", "efficientnet_lite0", *pretrained, "--input-size", 64, 32, "--time-budget", args.budget,
+         "--P", 8, "--M", 4, "--num-workers", args.num_workers, "--name", "demo",
          "--storage-path", out / "ray_results", "--output", model, log=log)
     step("embed gallery (Ray Data)", "embed.py", "--model", model, "--shards", shards / "shards",
          "--split", "gallery", "--out", emb, log=log)

@@ -12,9 +12,14 @@ a worker that dies is restarted from it (up to --max-failures times).
 Configuration: --config YAML (sections model, data, train, run; see model/config.py),
 then --set section.key=value overrides, then the explicit options below (highest priority).
 
-Example (CPU, 2 workers, ImageNet Lite0 start):
+With --time-budget (30m, 1800s, 1h) the run is sized to the wall clock instead of --epochs:
+epoch 0 measures the pace, the epochs and the LR schedule (warm-up, decay points as fractions
+of the run) follow it, and the run stops at the budget with a final checkpoint and model.
+The model directory's training.json records the whole recipe and the budget (docs/recipe.md).
+
+Example (CPU, 2 workers, ImageNet Lite0 start, the default recipe held to 30 minutes):
     python pipelines/train.py --shards outputs/market/shards --backbone efficientnet_lite0 \\
-        --pretrained lite0-imagenet --input-size 128 64 --epochs 60 --num-workers 2 \\
+        --pretrained lite0-imagenet --input-size 128 64 --time-budget 30m --num-workers 2 \\
         --name market-ctl --output outputs/models/market-ctl
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
@@ -46,9 +51,16 @@ SHORTCUTS = [
     ("--P", "data.P", int, "items per batch per worker (16)"),
     ("--M", "data.M", int, "images per item (4); items with fewer use all theirs"),
     ("--loader-threads", "data.loader_threads", int, "decode/augment threads per worker (2)"),
+    ("--crop-pad", "data.crop_pad", int, "train crop: pad by N pixels, random crop back (10)"),
+    ("--erase-prob", "data.erase_prob", float, "train random-erasing probability; 0 = off (0.5)"),
     ("--backbone", "model.backbone", str,
      "resnet18 | resnet34 | resnet50 | resnet50_ibn_a | efficientnet_lite0 (resnet50)"),
-    ("--pooling", "model.pooling", str, "avg | max | gem | rmac (avg)"),
+    ("--pooling", "model.pooling", str, "avg | max | gem | rmac (rmac)"),
+    ("--neck-feat", "model.neck_feat", str,
+     "inference embedding: after | before the BN-neck (after)"),
+    ("--gem-p", "model.gem_p", float, "GeM: starting exponent p, learned from there (3.0)"),
+    ("--flip-test", "model.flip_test", str,
+     "test-time flip: embed as the mean of the image and its mirror: true | false (true)"),
     ("--last-stride", "model.last_stride", int, "stride of the last backbone stage, 1 or 2 (1)"),
     ("--pretrained", "train.pretrained", str,
      "start weights: lite0-imagenet, a state-dict file or a model directory (none)"),
@@ -57,6 +69,11 @@ SHORTCUTS = [
      "steps per epoch; 0 = one pass over all training items (0)"),
     ("--lr", "train.lr", float, "Adam learning rate (3.5e-4)"),
     ("--warmup-epochs", "train.warmup_epochs", int, "linear warm-up epochs (10)"),
+    ("--schedule", "train.schedule", str,
+     "with --time-budget: step (x0.1 at --milestone-fracs) | cosine (step)"),
+    ("--warmup-frac", "train.warmup_frac", float,
+     "with --time-budget: linear warm-up over this fraction of the run (0.1)"),
+    ("--center-lr", "train.center_lr", float, "SGD learning rate of the centers (0.5)"),
     ("--ctl-weight", "train.ctl_weight", float, "CTL weight; 0 switches CTL off (1.0)"),
     ("--ap-weight", "train.ap_weight", float, "listwise AP loss weight; 0 = off (0)"),
     ("--triplet-weight", "train.triplet_weight", float, "batch-hard triplet weight (1.0)"),
@@ -90,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network input height and width (256 128)")
     p.add_argument("--milestones", nargs="+", type=int, default=None, metavar="EPOCH",
                    help="epochs where the learning rate is multiplied by 0.1 (40 70)")
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="train for this wall-clock time (30m, 1800s, 1h): epoch 0 measures the "
+                        "pace, the epochs and the LR schedule (warm-up, decay) are sized to the "
+                        "budget as fractions of the run; replaces --epochs/--milestones")
+    p.add_argument("--milestone-fracs", nargs="+", type=float, default=None, metavar="FRAC",
+                   help="with --time-budget and --schedule step: fractions of the run where the "
+                        "learning rate is multiplied by 0.1 (0.7 0.9)")
     p.add_argument("--no-ctl", action="store_true", help="switch CTL off (same as --ctl-weight 0)")
     for opt, key, tp, help_text in SHORTCUTS:
         p.add_argument(opt, dest=key.replace(".", "__"), type=tp, default=None,
@@ -116,6 +140,14 @@ def resolve_config(args):
         overrides.append(f"train.milestones={list(args.milestones)}")
     if args.no_ctl:
         overrides.append("train.ctl_weight=0")
+    if args.milestone_fracs:
+        overrides.append(f"train.milestone_fracs={list(args.milestone_fracs)}")
+    if args.time_budget is not None:
+        from model.schedule import parse_duration
+
+        if args.train__epochs is not None or args.milestones:
+            raise ValueError("--time-budget sizes the run itself: give it or --epochs/--milestones")
+        overrides.append(f"train.time_budget_s={parse_duration(args.time_budget)}")
     return load_config(args.config, overrides)
 
 
@@ -135,6 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
     from model.data import BatchLoader
     from model.losses import CenterLoss
     from model.sampler import ShardReader, iter_plan_rows, plan_epoch
+    from model.schedule import BudgetPlan, budget_lr_factor, format_duration
     from model.training import build_optimizers, restore_training_state, train_epoch, training_state
     from model.transforms import train_transform
 
@@ -164,7 +197,7 @@ def train_loop_per_worker(config: dict) -> None:
         net.to(memory_format=torch.channels_last)
     opt, copt = build_optimizers(net, center, tcfg)
     scaler = torch.amp.GradScaler("cuda") if on_gpu and tcfg.amp else None
-    start = 0
+    start, state = 0, {}
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
@@ -175,26 +208,49 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_index, items = config["train_index"], config["items"]
     reader = ShardReader(train_index)
-    tf = train_transform(mcfg)
-    for epoch in range(start, tcfg.epochs):
+    tf = train_transform(mcfg, pad=dcfg.crop_pad, erase_p=dcfg.erase_prob)
+    plan = None
+    if tcfg.time_budget_s > 0:
+        saved = state.get("budget") if checkpoint is not None else None
+        plan = BudgetPlan.from_dict(saved) if saved else BudgetPlan(tcfg.time_budget_s)
+        if plan.budget_s != tcfg.time_budget_s:  # resumed with a new budget: extend/shorten
+            plan.rebudget(tcfg.time_budget_s)
+        if checkpoint is None:
+            log(f"time budget {format_duration(tcfg.time_budget_s)}: epoch 0 measures the pace, "
+                "the epochs and the LR schedule follow it")
+    epoch, overhead = start, 0.0
+    while (plan.more() if plan is not None else epoch < tcfg.epochs):
+        t_epoch = time.perf_counter()
         _maybe_fail(config, epoch, rank, world)
         torch.manual_seed(tcfg.seed * 100003 + epoch * 101 + rank)  # augmentation stream
-        plan = plan_epoch(items, dcfg.P, dcfg.M, world, rank, tcfg.seed, epoch,
-                          tcfg.steps_per_epoch)
-        loader = BatchLoader(train_index, iter_plan_rows(plan), tf, threads=dcfg.loader_threads,
-                             max_pixels=dcfg.max_pixels, reader=reader)
+        epoch_plan = plan_epoch(items, dcfg.P, dcfg.M, world, rank, tcfg.seed, epoch,
+                                tcfg.steps_per_epoch)
+        loader = BatchLoader(train_index, iter_plan_rows(epoch_plan), tf,
+                             threads=dcfg.loader_threads, max_pixels=dcfg.max_pixels, reader=reader)
+        lr_scale = None if plan is None else budget_lr_factor(
+            epoch, plan.total_epochs, tcfg.schedule, tcfg.warmup_frac, tcfg.warmup_factor,
+            tcfg.milestone_fracs, tcfg.gamma)
         stats = train_epoch(net, center, opt, copt, loader, tcfg, epoch, device=str(device),
-                            scaler=scaler, channels_last=tcfg.channels_last)
+                            scaler=scaler, channels_last=tcfg.channels_last, lr_scale=lr_scale)
         if stats.images == 0:
             reason = loader.skipped[0] if loader.skipped else "no batches"
             raise RuntimeError(f"epoch {epoch}: no training image could be read ({reason})")
         metrics = _global_stats(stats, len(loader.skipped), device)
         metrics["epoch"] = epoch
         metrics["resumed_at"] = start
-        last = epoch == tcfg.epochs - 1
+        if plan is None:
+            last = epoch == tcfg.epochs - 1
+        else:
+            # the slowest rank's wall time (+ the previous checkpoint's) decides, so every
+            # rank makes the same plan; validation time is not charged to the budget
+            plan.record(_agree_max(time.perf_counter() - t_epoch + overhead, device))
+            last = not plan.more()
+            metrics.update(planned_epochs=plan.total_epochs, trained_s=round(plan.trained_s, 2),
+                           time_budget_s=plan.budget_s)
         if config["eval"] and (last or (tcfg.eval_every > 0 and (epoch + 1) % tcfg.eval_every == 0)):
             metrics.update(_validate(net, config, cfg, rank, world, device, on_gpu))
         log(format_epoch(metrics))
+        t_ckpt = time.perf_counter()
         if rank == 0 and config.get("history"):
             os.makedirs(os.path.dirname(config["history"]), exist_ok=True)
             with open(config["history"], "a") as f:
@@ -203,10 +259,13 @@ def train_loop_per_worker(config: dict) -> None:
             ckpt = None
             if rank == 0:
                 state = training_state(net, center, opt, copt, scaler, epoch,
-                                       dataclasses.asdict(cfg))
+                                       dataclasses.asdict(cfg),
+                                       plan.as_dict() if plan is not None else None)
                 torch.save(state, os.path.join(tmp, STATE_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
+        overhead = time.perf_counter() - t_ckpt
+        epoch += 1
     reader.close()
     if dist.is_initialized():
         dist.barrier()
@@ -228,6 +287,18 @@ def _maybe_fail(config: dict, epoch: int, rank: int, world: int) -> None:
     print(f"fault injection: rank {rank} exits at the start of epoch {epoch}", flush=True)
     time.sleep(2.0)  # let the controller register the previous epoch's checkpoint first
     os._exit(1)
+
+
+def _agree_max(value: float, device) -> float:
+    """The largest `value` over all ranks (the value itself without a process group)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def _global_stats(stats, skipped: int, device) -> dict:
@@ -315,6 +386,9 @@ def format_epoch(m: dict) -> str:
             f"images={m['images']} {m['images_per_s']:.1f} img/s ({m['epoch_seconds']:.1f}s)")
     if m.get("skipped_images"):
         line += f" skipped={m['skipped_images']}"
+    if "planned_epochs" in m:
+        line += (f" [budget: {m['trained_s']:.0f}/{m['time_budget_s']:.0f} s, "
+                 f"{m['planned_epochs']} epochs planned]")
     if "instance_mAP" in m:
         line += (f" | instance mAP={m['instance_mAP']:.4f} R1={m['instance_rank1']:.4f}"
                  f" centroid mAP={m['centroid_mAP']:.4f} R1={m['centroid_rank1']:.4f}")
@@ -435,16 +509,26 @@ def run_training(cfg, address: str | None = None, num_cpus: int | None = None) -
 
 
 def export_model(checkpoint, cfg, output: str) -> str:
-    """The last checkpoint's network -> final model directory (save_model); returns its id."""
+    """The last checkpoint's network -> final model directory (save_model); returns its id.
+
+    Beside model.pt and config.json the directory gets training.json: the whole resolved
+    recipe (every config section), the time budget and how the run ended."""
+    import dataclasses
+
     import torch
 
-    from model.checkpoint import build_model, save_model
+    from model.checkpoint import TRAINING_FILE, build_model, save_model
 
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     net = build_model(cfg.model)
     net.load_state_dict(state["model"])
-    return save_model(net, cfg.model, output)
+    budget = state.get("budget")
+    record = {"config": dataclasses.asdict(cfg), "epochs_trained": int(state["epoch"]) + 1,
+              "time_budget_s": cfg.train.time_budget_s or None,
+              "trained_s": round(budget["trained_s"], 2) if budget else None}
+    return save_model(net, cfg.model, output,
+                      {TRAINING_FILE: json.dumps(record, indent=2, sort_keys=True).encode()})
 
 
 def _env_int(name: str):

@@ -28,7 +28,8 @@ def tiny_model(tmp_path_factory):
     from model.net import build_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="resnet18", input_size=(32, 16))
+    # the plain forward (test-time flip is tested in test_flip_test.py)
+    cfg = ModelConfig(backbone="resnet18", input_size=(32, 16), flip_test=False)
     net = build_model(cfg).eval()
     d = tmp_path_factory.mktemp("m") / "model"
     save_model(net, cfg, str(d))

@@ -117,3 +117,30 @@ def test_ray_job_submit_on_a_private_local_head(tmp_path):
     assert (res.status, res.exit_code) == ("SUCCEEDED", 0), res
     net, cfg, _ = load_model(str(tmp_path / "model"))
     assert cfg.num_classes == 8 and not net.training
+
+
+def test_time_budget_sizes_the_run_and_is_recorded(tmp_path, capfd, monkeypatch):
+    import ray
+
+    from model.checkpoint import load_model
+    from pipelines import train
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    shards = make_tiny_shards(tmp_path)
+    args = _args(shards, tmp_path, 1)
+    for opt in ("--epochs", "--warmup-epochs"):  # the budget sizes the run instead
+        i = args.index(opt)
+        del args[i:i + 2]
+    try:
+        assert train.main([*args, "--time-budget", "20s", "--eval-every", "-1"]) == 0
+    finally:
+        ray.shutdown()
+    out = capfd.readouterr().out
+    epochs = {line[line.index("epoch "):].split(":")[0] for line in out.splitlines()
+              if "[budget: " in line}
+    record = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert record["time_budget_s"] == 20.0 and record["config"]["train"]["time_budget_s"] == 20.0
+    assert record["epochs_trained"] == len(epochs) >= 1
+    assert record["config"]["model"]["pooling"] == "rmac"  # the default recipe
+    _, cfg, _ = load_model(str(tmp_path / "model"))
+    assert cfg.flip_test is True
