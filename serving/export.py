@@ -28,11 +28,14 @@ def preprocessing_contract(cfg, model_id: str, fmt: str) -> dict:
                   "scale": 1 / 255, "mean": list(cfg.mean), "std": list(cfg.std),
                   "formula": "((pixel / 255) - mean) / std per channel"},
         "output": {"name": OUTPUT_NAME, "shape": ["N", int(cfg.embedding_dim) or None], "dtype": "float32",
-                   "normalized": True, "similarity": "inner product (cosine)"},
+                   "normalized": True, "similarity": "inner product (cosine)",
+                   "flip_test": bool(getattr(cfg, "flip_test", False))},
     }
 
 
-def _normalised(net):
+def _normalised(net, flip: bool):
+    """The net with what embedding adds after it: test-time flip (the mean of the image's and
+    its mirror's outputs, as model.embedding.forward_embeddings does) and L2-normalisation."""
     import torch
 
     class Normalised(torch.nn.Module):
@@ -41,7 +44,10 @@ def _normalised(net):
             self.inner = inner
 
         def forward(self, x):
-            return torch.nn.functional.normalize(self.inner(x), dim=1)
+            y = self.inner(x)
+            if flip:
+                y = (y + self.inner(x.flip(-1))) * 0.5
+            return torch.nn.functional.normalize(y, dim=1)
 
     return Normalised(net).eval()
 
@@ -55,7 +61,7 @@ def export_model(model_dir: str, fmt: str, out: str) -> dict:
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     net, cfg, model_id = load_model(model_dir)
-    wrapped = _normalised(net)
+    wrapped = _normalised(net, bool(getattr(cfg, "flip_test", False)))
     h, w = (int(v) for v in cfg.input_size)
     example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
