@@ -21,6 +21,7 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 
 import argparse
 import json
+import os
 import time
 
 from pipelines._cli import add_ray_arguments, init_ray, run_main
@@ -154,11 +155,17 @@ def main(argv=None) -> int:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from index.storage import atomic_dir
+    from index.storage import atomic_dir, is_uri
     from index.vectors import embeddings_schema
     from model import embedding as E
     from model.checkpoint import load_model
 
+    # actors run in other processes (other nodes) with another working directory
+    args.model = args.model if is_uri(args.model) else os.path.abspath(args.model)
+    if args.shards and not is_uri(args.shards):
+        args.shards = os.path.abspath(args.shards)
+    if args.root and not is_uri(args.root):
+        args.root = os.path.abspath(args.root)
     if args.manifest and not args.root:
         raise ValueError("--manifest needs --root (the folder the manifest paths are relative to)")
     for name in ("batch_size", "rows_per_file", "decode_threads"):
@@ -177,8 +184,6 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"no shards match {args.shards}" + (f" for split {args.split}" if args.split else ""))
         what = f"{len(urls)} shard(s)"
     else:
-        import os
-
         from model.manifest import read_manifest
 
         if "://" not in args.root and not os.path.isdir(args.root):
