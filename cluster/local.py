@@ -17,8 +17,19 @@ Instead each head gets:
 Jobs on the head run `python` from the head's PATH; `start` puts the directory of this
 interpreter (the project venv) first on that PATH so the jobs see the project's packages.
 
+A multi-node cluster on this one machine (tests, the demo of the cluster path, benchmarks):
+`start --nodes 3` starts the head plus 2 worker nodes, each its own raylet (`ray start
+--address`) with its own CPU count and a custom resource naming it (`cr_node_<name>: 1`), so
+jobs can be pinned or spread and the state API shows which node ran what. `add_node` joins a
+node later (an autoscaler's new node, or a logical GPU node: `num_gpus=1` on a CPU machine,
+which Ray schedules on without a real device); `kill_node` SIGKILLs one worker node's raylet
+and its workers (a lost machine). Worker nodes carry the head's marker too, so `stop` ends
+them with the head, and a second marker CR_LOCAL_RAY_NODE=<name> that `kill_node` matches.
+
 CLI (the scripts cluster/start_local.sh and stop_local.sh wrap it):
-    python -m cluster.local start [--num-cpus N] [--record outputs/ray-local-head.json]
+    python -m cluster.local start [--num-cpus N] [--nodes 3 --node-cpus 1] [--record outputs/ray-local-head.json]
+    python -m cluster.local add-node --name gpu1 [--num-cpus 1] [--num-gpus 1] [--record ...]
+    python -m cluster.local kill-node --name w1 [--record ...]
     python -m cluster.local env   [--record ...]   # `eval "$(...)"` to submit jobs by hand
     python -m cluster.local status [--record ...]
     python -m cluster.local stop  [--record ...] [--keep-logs]
@@ -43,6 +54,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 MARKER_ENV = "CR_LOCAL_RAY_HEAD"
+NODE_ENV = "CR_LOCAL_RAY_NODE"      # the name of a worker node, in its processes' environment
+NODE_RESOURCE = "cr_node_"          # custom resource `cr_node_<name>: 1` names each node
 RECORD_NAME = "head.json"
 TOKEN_NAME = "auth_token"
 # Where `start` leaves a pointer to the head it started, for `stop` / `env` without arguments.
@@ -164,9 +177,13 @@ def head_env(head_id: str, token_path: str, base: dict[str, str] | None = None) 
     return env
 
 
-def find_head_processes(head_id: str) -> list[int]:
-    """Pids of live processes whose environment carries CR_LOCAL_RAY_HEAD=head_id."""
+def find_head_processes(head_id: str, node: str | None = None) -> list[int]:
+    """Pids of live processes whose environment carries CR_LOCAL_RAY_HEAD=head_id (and
+    CR_LOCAL_RAY_NODE=node when `node` is given)."""
     needle = f"{MARKER_ENV}={head_id}".encode()
+    if node is not None:
+        node_needle = f"{NODE_ENV}={node}".encode()
+        return [p for p in find_head_processes(head_id) if node_needle in _environ(p)]
     me = os.getpid()
     found = []
     for entry in os.scandir("/proc"):
@@ -180,6 +197,14 @@ def find_head_processes(head_id: str) -> list[int]:
         if needle in environ.split(b"\0") and not _is_zombie(int(entry.name)):
             found.append(int(entry.name))
     return sorted(found)
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
 
 
 def _is_zombie(pid: int) -> bool:
@@ -286,6 +311,110 @@ def start_head(num_cpus: int = 2, *, object_store_memory: int | None = None,
     raise RuntimeError(f"ray start failed {attempts} times: {last_err}")
 
 
+NODES_NAME = "nodes.json"
+
+
+def node_resource(name: str) -> str:
+    """The custom resource that names node `name` (1 of it on that node only)."""
+    return f"{NODE_RESOURCE}{name}"
+
+
+def list_nodes(head: LocalHead) -> list[dict]:
+    """The worker nodes started for this head: [{name, num_cpus, num_gpus, resources}]."""
+    p = Path(head.state_dir) / NODES_NAME
+    return json.loads(p.read_text()) if p.is_file() else []
+
+
+def add_node(head: LocalHead, name: str, num_cpus: int = 1, num_gpus: int = 0,
+             resources: dict[str, float] | None = None, timeout: float = 60.0) -> dict:
+    """Join a worker node (its own raylet) to `head`, as an autoscaler's new node would.
+
+    num_gpus > 0 on a CPU machine makes a logical GPU node: Ray schedules GPU actors there,
+    but no CUDA device exists inside them. The node advertises `cr_node_<name>: 1`.
+    Returns its record; waits until the node is alive in the cluster.
+    """
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"node name must be letters, digits, '-' or '_': {name!r}")
+    if any(n["name"] == name for n in list_nodes(head)):
+        raise ValueError(f"node {name!r} already exists")
+    res = {node_resource(name): 1, **(resources or {})}
+    agent, metrics, rt_env = free_ports(3)
+    cmd = [ray_executable(), "start", "--address", head.gcs_address,
+           "--num-cpus", str(int(num_cpus)), "--num-gpus", str(int(num_gpus)),
+           "--resources", json.dumps(res),
+           "--dashboard-agent-listen-port", str(agent), "--metrics-export-port", str(metrics),
+           "--runtime-env-agent-port", str(rt_env),
+           "--disable-usage-stats", "--log-style", "record"]
+    env = head_env(head.head_id, head.token_path)
+    env[NODE_ENV] = name
+    log_path = os.path.join(head.state_dir, f"node-{name}.log")
+    with open(log_path, "w") as log:
+        rc = subprocess.run(cmd, check=False, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, timeout=timeout).returncode
+    if rc != 0:
+        lines = Path(log_path).read_text(errors="replace").strip().splitlines()
+        _signal_all(find_head_processes(head.head_id, name), signal.SIGKILL)
+        raise RuntimeError(f"ray start of node {name} failed: {lines[-1] if lines else rc}")
+    record = {"name": name, "num_cpus": int(num_cpus), "num_gpus": int(num_gpus), "resources": res}
+    _write_json(Path(head.state_dir) / NODES_NAME, json.dumps(list_nodes(head) + [record]))
+    _wait_for_resource(head, node_resource(name), timeout)
+    return record
+
+
+def _wait_for_resource(head: LocalHead, resource: str, timeout: float) -> None:
+    """Wait until the GCS lists a live node with `resource` (a fresh process asks the API)."""
+    snippet = ("import ray, sys, time\n"
+               "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+               "t = time.monotonic() + float(sys.argv[3])\n"
+               "while time.monotonic() < t:\n"
+               "    if any(n['Alive'] and sys.argv[2] in n['Resources'] for n in ray.nodes()):\n"
+               "        sys.exit(0)\n"
+               "    time.sleep(0.5)\n"
+               "sys.exit(1)\n")
+    r = subprocess.run([sys.executable, "-c", snippet, head.gcs_address, resource, str(timeout)],
+                       check=False, env=head.client_env(), capture_output=True, timeout=timeout + 60)
+    if r.returncode != 0:
+        raise RuntimeError(f"node with {resource} did not join within {timeout:.0f}s")
+
+
+def kill_node(head: LocalHead, name: str) -> list[int]:
+    """SIGKILL every process of worker node `name` (raylet, object store, its workers): a
+    machine lost without warning. Returns the pids killed."""
+    pids = find_head_processes(head.head_id, name)
+    if not pids:
+        raise RuntimeError(f"no live process of node {name!r}")
+    _signal_all(pids, signal.SIGKILL)
+    _wait_gone(head.head_id, pids, 10.0)
+    nodes = [n for n in list_nodes(head) if n["name"] != name]
+    _write_json(Path(head.state_dir) / NODES_NAME, json.dumps(nodes))
+    return pids
+
+
+def start_cluster(nodes: int = 3, head_cpus: int = 1, node_cpus: int = 1, **kwargs) -> LocalHead:
+    """A head plus `nodes - 1` worker nodes named w1, w2, ... (`node_cpus` CPUs each)."""
+    if nodes < 1:
+        raise ValueError(f"nodes must be >= 1, got {nodes}")
+    head = start_head(head_cpus, **kwargs)
+    try:
+        for i in range(1, nodes):
+            add_node(head, f"w{i}", num_cpus=node_cpus)
+    except BaseException:
+        stop_head(head)
+        raise
+    return head
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int = 3, head_cpus: int = 1, node_cpus: int = 1,
+                  **kwargs) -> Iterator[LocalHead]:
+    """Context manager for tests: `start_cluster`, stopped (only it) on exit, even on error."""
+    head = start_cluster(nodes, head_cpus, node_cpus, **kwargs)
+    try:
+        yield head
+    finally:
+        stop_head(head)
+
+
 def _write_json(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text + "\n")
@@ -379,6 +508,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="object store bytes (default: Ray's choice)")
     s.add_argument("--base-dir", default=None,
                    help="parent of the private state dir (default: system temp dir)")
+    s.add_argument("--nodes", type=int, default=1,
+                   help="nodes in all: the head plus NODES-1 worker nodes w1, w2, ... (default 1)")
+    s.add_argument("--node-cpus", type=int, default=1, help="CPUs of each worker node (default 1)")
+    an = sub.add_parser("add-node", help="join a worker node (e.g. a logical GPU node)")
+    an.add_argument("--name", required=True)
+    an.add_argument("--num-cpus", type=int, default=1)
+    an.add_argument("--num-gpus", type=int, default=0)
+    kn = sub.add_parser("kill-node", help="SIGKILL one worker node (raylet and its workers)")
+    kn.add_argument("--name", required=True)
     for name, hlp in (("stop", "stop only the recorded head and delete its state dir"),
                       ("env", "print `export` lines for submitting jobs to the recorded head"),
                       ("status", "print the record and which of its processes are alive")):
@@ -400,12 +538,24 @@ def main(argv: list[str] | None = None) -> int:
                 pass  # stale pointer: its state dir is gone
         head = start_head(a.num_cpus, object_store_memory=a.object_store_memory,
                           base_dir=a.base_dir, record=a.record)
+        try:
+            for i in range(1, a.nodes):
+                add_node(head, f"w{i}", num_cpus=a.node_cpus)
+        except BaseException:
+            stop_head(head)
+            raise
         print(head.to_json())
+        for n in list_nodes(head):
+            print(f"# node {n['name']}: {n['num_cpus']} CPU(s)", file=sys.stderr)
         print(f"# submit: python -m cluster.jobs --head {a.record} -- pipelines/X.py ...",
               file=sys.stderr)
         return 0
     head = LocalHead.load(a.record)
-    if a.cmd == "env":
+    if a.cmd == "add-node":
+        print(json.dumps(add_node(head, a.name, a.num_cpus, a.num_gpus)))
+    elif a.cmd == "kill-node":
+        print(f"killed node {a.name}: {len(kill_node(head, a.name))} processes")
+    elif a.cmd == "env":
         _print_env(head)
     elif a.cmd == "status":
         print(head.to_json())

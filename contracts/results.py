@@ -89,9 +89,7 @@ class ResultsWriter:
         self.rows = 0
 
     def __enter__(self):
-        if "://" in self.out_dir and not self.out_dir.startswith("file://"):
-            raise ResultsFileError(f"{self.out_dir}: results are written to a local/mounted path")
-        self._ctx = atomic_dir(self.out_dir.removeprefix("file://"))
+        self._ctx = atomic_dir(self.out_dir)  # a URI is staged locally, then published
         self._tmp = self._ctx.__enter__()
         return self
 

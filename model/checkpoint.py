@@ -118,8 +118,7 @@ def save_model(net, cfg: ModelConfig, directory: str, extra_files: dict | None =
             with fs.open_output_stream(f"{tmp}/{name}") as f:
                 f.write(blob)
         if "://" in str(directory):
-            fs.delete_dir_contents(target, missing_dir_ok=True)
-            fs.move(tmp, target)
+            _publish_remote(fs, tmp, target, list(files))
         else:
             _replace_local_dir(tmp, target)
     except BaseException:
@@ -127,6 +126,34 @@ def save_model(net, cfg: ModelConfig, directory: str, extra_files: dict | None =
             fs.delete_dir(tmp)
         raise
     return model_id(data, cfg)
+
+
+def _publish_remote(fs, src: str, target: str, names: list[str]) -> None:
+    """Object stores have no directory rename: move the old files aside, the new ones in, and
+    put the old ones back if that fails (the previous model is never deleted before the new
+    one is in place)."""
+    import pyarrow.fs as pafs
+
+    old_dir = f"{src}.old"
+    aside = [n for n in names if fs.get_file_info(f"{target}/{n}").type == pafs.FileType.File]
+    moved, placed = [], []
+    try:
+        for n in aside:
+            fs.move(f"{target}/{n}", f"{old_dir}/{n}")
+            moved.append(n)
+        for n in names:
+            fs.move(f"{src}/{n}", f"{target}/{n}")
+            placed.append(n)
+    except BaseException:
+        for n in placed:
+            with contextlib.suppress(OSError):
+                fs.delete_file(f"{target}/{n}")
+        for n in moved:
+            with contextlib.suppress(OSError):
+                fs.move(f"{old_dir}/{n}", f"{target}/{n}")
+        raise
+    with contextlib.suppress(OSError):
+        fs.delete_dir(old_dir)
 
 
 def _replace_local_dir(src: str, target: str) -> None:

@@ -296,6 +296,14 @@ class EmbedBatch:
 
     def __init__(self, model_dir: str, device: str = "auto", threads: int | None = None,
                  decode_threads: int = 1, freeze: bool = True):
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            # Ray gave this actor a GPU (num_gpus=1) but the node has no CUDA device for it
+            import socket
+
+            raise RuntimeError(f"no CUDA device in this GPU actor on {socket.gethostname()} "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
         self.runner = ModelRunner(model_dir, device, threads, decode_threads, freeze)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

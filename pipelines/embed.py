@@ -21,6 +21,7 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 
 import argparse
 import json
+import os
 import time
 
 from pipelines._cli import add_ray_arguments, init_ray, run_main
@@ -53,11 +54,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU: run the eager model instead of the traced, frozen one")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: GPU actors when the cluster has GPUs, else CPU")
+    p.add_argument("--gpu-wait", type=float, default=600, metavar="SECONDS",
+                   help="--device cuda: wait this long for a GPU node to join (default 600)")
     p.add_argument("--incremental", default=None, metavar="PREVIOUS_OUT",
                    help="carry over unchanged rows of this earlier embed output")
     p.add_argument("--rows-per-file", type=int, default=200_000, help="rows per output part file")
     add_ray_arguments(p)
     return p
+
+
+def _wait_for_gpus(ray, timeout: float) -> int:
+    """Wait until the cluster has a GPU (an autoscaler adding a GPU node); returns the count.
+
+    Asks for one GPU through a pending resource request (what the autoscaler scales on) and
+    prints a progress line every 10 s; raises RuntimeError in one line after `timeout` s.
+    """
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}])
+    t0 = last = time.monotonic()
+    while True:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus:
+            print(f"embed: {gpus} GPU(s) joined after {time.monotonic() - t0:.0f}s", flush=True)
+            return gpus
+        now = time.monotonic()
+        if now - t0 > timeout:
+            raise RuntimeError(f"--device cuda: no GPU joined the Ray cluster within {timeout:.0f}s "
+                               "(--gpu-wait)")
+        if now - last >= 10:
+            last = now
+            print(f"embed: waiting for a GPU node ({now - t0:.0f}s of {timeout:.0f}s)", flush=True)
+        time.sleep(1)
 
 
 def _previous_keys(prev: str, model_id: str):
@@ -185,11 +213,17 @@ def main(argv=None) -> int:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from contracts.storage import atomic_dir
+    from contracts.storage import atomic_dir, is_uri
     from contracts.vectors import embeddings_schema
     from model import embedding as E
     from model.checkpoint import load_model
 
+    # actors run in other processes (other nodes) with another working directory
+    args.model = args.model if is_uri(args.model) else os.path.abspath(args.model)
+    if args.shards and not is_uri(args.shards):
+        args.shards = os.path.abspath(args.shards)
+    if args.root and not is_uri(args.root):
+        args.root = os.path.abspath(args.root)
     if args.manifest and not args.root:
         raise ValueError("--manifest needs --root (the folder the manifest paths are relative to)")
     for name in ("batch_size", "rows_per_file", "decode_threads"):
@@ -229,8 +263,11 @@ def main(argv=None) -> int:
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
     use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
+    if args.device == "auto" and not gpus:
+        print("embed: --device auto: no GPU in the Ray cluster now, embedding on CPU "
+              "(--device cuda waits for a GPU node the autoscaler adds)", flush=True)
     if use_gpu and gpus == 0:
-        raise RuntimeError("--device cuda but the Ray cluster has no GPU")
+        gpus = _wait_for_gpus(ray, args.gpu_wait)
     actors = args.actors or (gpus if use_gpu else max(1, cpus // 4))
     threads = args.threads or max(1, cpus // actors)
     if use_gpu:

@@ -66,6 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_out_dir(out: str, root: str) -> None:
     """Refuse an --out that would destroy something that is not an earlier output."""
+    from contracts.storage import check_writable, is_uri, resolve
+
+    if is_uri(out):  # object storage: the same rule, asked through pyarrow
+        check_writable(out)
+        import pyarrow.fs as pafs
+
+        fs, p = resolve(out)
+        info = fs.get_file_info(p)
+        if info.type == pafs.FileType.File:
+            raise NotADirectoryError(f"--out {out} exists and is not a directory")
+        if info.type == pafs.FileType.Directory:
+            names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(p))}
+            if names and "manifest.parquet" not in names:
+                raise ValueError(f"--out {out} is a non-empty directory that is not a make_shards "
+                                 "output; refusing to replace it")
+        return
     out_r, root_r = os.path.realpath(out), os.path.realpath(root)
     if out_r == root_r or out_r.startswith(root_r + os.sep) or root_r.startswith(out_r + os.sep):
         raise ValueError(f"--out {out} must not contain or be inside --root {root}")
@@ -83,9 +99,6 @@ def main(argv=None) -> int:
     from contracts.storage import atomic_dir
     from model.ingest import CheckConfig, build_dataset, parse_hw, scan_dataset
 
-    if "://" in args.out:
-        raise ValueError("--out must be a local directory (copy the finished output to object "
-                         "storage afterwards)")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.shard_size < 1:
