@@ -242,8 +242,6 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"no shards match {args.shards}" + (f" for split {args.split}" if args.split else ""))
         what = f"{len(urls)} shard(s)"
     else:
-        import os
-
         from contracts.manifest import read_manifest
 
         if "://" not in args.root and not os.path.isdir(args.root):
