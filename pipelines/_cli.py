@@ -1,10 +1,12 @@
-"""What every job shares: one-line errors with a non-zero exit, and connecting to Ray.
+"""What every job shares: its argument parser, one-line errors with a non-zero exit, and Ray.
 
 A job's `main(argv)` raises on bad input; `run_main` turns that into `error: <reason>` on
-stderr and exit status 2 (set CR_DEBUG=1 to see the traceback instead).
+stderr and exit status 2 (set CR_DEBUG=1 to see the traceback instead). `make_parser(__doc__)`
+gives the job's parser: bad arguments raise ValueError, so they take the same one-line path.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -12,6 +14,21 @@ from collections.abc import Callable
 # Errors that mean "bad input or environment", reported in one line.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError, KeyError, OSError, RuntimeError)
+
+__all__ = ["USER_ERRORS", "Parser", "add_ray_arguments", "init_ray", "make_parser", "run_main"]
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad arguments become a one-line `error: ...` with exit 2 (via run_main)."""
+
+    def error(self, message):
+        # argparse would print its usage block and exit; a ValueError takes run_main's one line
+        raise ValueError(message)
+
+
+def make_parser(doc: str | None) -> Parser:
+    """The job's parser: `doc` (its module docstring) as the --help text, kept as written."""
+    return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

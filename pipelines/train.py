@@ -25,16 +25,9 @@ import os
 import tempfile
 import time
 
-from pipelines._cli import add_ray_arguments, init_ray, run_main
+from pipelines._cli import add_ray_arguments, init_ray, make_parser, run_main
 
 STATE_FILE = "state.pt"
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments become a one-line `error: ...` with exit 2 (via run_main)."""
-
-    def error(self, message):
-        raise ValueError(message)
 
 
 # (option, config key, type, help)
@@ -82,7 +75,7 @@ SHORTCUTS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--config", default=None, help="YAML file with sections model/data/train/run")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set train.margin=0.3 (repeatable)")
