@@ -128,7 +128,14 @@ def train_loop_per_worker(config: dict) -> None:
     from model.data import BatchLoader
     from model.losses import CenterLoss
     from model.sampler import ShardReader, iter_plan_rows, plan_epoch
-    from model.training import build_optimizers, restore_training_state, train_epoch, training_state
+    from model.training import (
+        build_optimizers,
+        format_epoch,
+        global_stats,
+        restore_training_state,
+        train_epoch,
+        training_state,
+    )
     from model.transforms import train_transform
 
     cfg = from_dict(Config, config["cfg"])
@@ -181,7 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
         if stats.images == 0:
             reason = loader.skipped[0] if loader.skipped else "no batches"
             raise RuntimeError(f"epoch {epoch}: no training image could be read ({reason})")
-        metrics = _global_stats(stats, len(loader.skipped), device)
+        metrics = global_stats(stats, len(loader.skipped), device)
         metrics["epoch"] = epoch
         metrics["resumed_at"] = start
         last = epoch == tcfg.epochs - 1
@@ -223,29 +230,6 @@ def _maybe_fail(config: dict, epoch: int, rank: int, world: int) -> None:
     os._exit(1)
 
 
-def _global_stats(stats, skipped: int, device) -> dict:
-    """This rank's EpochStats -> metrics over all ranks (mean losses, total images/s)."""
-    import torch
-    import torch.distributed as dist
-
-    names = sorted(stats.losses)
-    vals = torch.tensor([stats.losses[k] for k in names] + [stats.images, skipped, stats.steps],
-                        dtype=torch.float64, device=device)
-    secs = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
-    world = 1
-    if dist.is_initialized():
-        world = dist.get_world_size()
-        dist.all_reduce(vals)
-        dist.all_reduce(secs, op=dist.ReduceOp.MAX)
-    vals, secs = vals.cpu().tolist(), float(secs.item())
-    out = {f"loss_{k}": vals[i] / world for i, k in enumerate(names)}
-    images, skipped_all, steps = vals[len(names):]
-    out.update(lr=stats.lr, steps=int(steps / world), images=int(images),
-               skipped_images=int(skipped_all), epoch_seconds=round(secs, 2),
-               images_per_s=round(images / secs, 2) if secs > 0 else 0.0)
-    return out
-
-
 def _validate(net, config, cfg, rank, world, device, on_gpu) -> dict:
     """Embed query + gallery (rows split over ranks), gather on all ranks, score on rank 0."""
     import numpy as np
@@ -253,6 +237,7 @@ def _validate(net, config, cfg, rank, world, device, on_gpu) -> dict:
 
     from model.data import embed_rows
     from model.transforms import eval_transform
+    from pipelines._validation import reid_metrics
 
     t0 = time.perf_counter()
     tf = eval_transform(cfg.model)
@@ -284,74 +269,7 @@ def _validate(net, config, cfg, rank, world, device, on_gpu) -> dict:
     return out
 
 
-def reid_metrics(qidx, gidx, merged) -> dict:
-    """Instance and centroid mAP / Rank-1 (DESIGN evaluation protocol via index.evaluation.metrics)."""
-    from index.evaluation import metrics as M
-
-    qrows, q = merged["query"]
-    grows, g = merged["gallery"]
-    qc, gc = qidx.camera_id[qrows], gidx.camera_id[grows]
-    cams = (qc >= 0).any() or (gc >= 0).any()
-    codes = M.encode_labels(qidx.item_id[qrows], gidx.item_id[grows],
-                            qc if cams else None, gc if cams else None)
-    inst = M.summarize(M.evaluate_instances(q, g, codes))
-    cent = M.summarize(M.evaluate_centroids(
-        q, codes, M.item_sums(g, codes.gallery_items, codes.gallery_cams)))
-    return {"instance_mAP": inst["mAP"], "instance_rank1": inst["cmc"]["1"],
-            "centroid_mAP": cent["mAP"], "centroid_rank1": cent["cmc"]["1"],
-            "num_valid_queries": inst["num_valid_queries"]}
-
-
-def format_epoch(m: dict) -> str:
-    losses = " ".join(f"{k[5:]}={m[k]:.4f}" for k in sorted(m) if k.startswith("loss_"))
-    line = (f"epoch {m['epoch']}: {losses} lr={m['lr']:.2e} steps={m['steps']} "
-            f"images={m['images']} {m['images_per_s']:.1f} img/s ({m['epoch_seconds']:.1f}s)")
-    if m.get("skipped_images"):
-        line += f" skipped={m['skipped_images']}"
-    if "instance_mAP" in m:
-        line += (f" | instance mAP={m['instance_mAP']:.4f} R1={m['instance_rank1']:.4f}"
-                 f" centroid mAP={m['centroid_mAP']:.4f} R1={m['centroid_rank1']:.4f}")
-    return line
-
-
 # ------------------------------------------------------------------------------ the driver
-
-def prepare_data(cfg) -> dict:
-    """Index the shards (tar headers + JSON rows only) and fix the class count."""
-    from model.sampler import eligible_items, index_shards
-    from model.shards import list_shards
-
-    if not cfg.data.shards:
-        raise ValueError("no shards given (--shards or data.shards)")
-    def urls(split):  # absolute: Ray workers do not run in this process's directory
-        return [u if "://" in u else os.path.abspath(u)
-                for u in list_shards(cfg.data.shards, split)]
-
-    train_urls = urls(cfg.data.train_split)
-    if not train_urls:
-        raise FileNotFoundError(f"no {cfg.data.train_split}-NNNNNN.tar shards in {cfg.data.shards}")
-    train_index = index_shards(train_urls)
-    items = eligible_items(train_index.item_id, cfg.data.min_images)
-    n_all = len(set(train_index.item_id.tolist()))
-    print(f"train: {len(train_index)} images, {n_all} items, {len(items)} with >= "
-          f"{cfg.data.min_images} images ({n_all - len(items)} skipped)", flush=True)
-    need = cfg.data.P * cfg.run.num_workers
-    if len(items) < need:
-        raise ValueError(f"need at least P x num_workers = {need} training items, have {len(items)}")
-    out = {"train_index": train_index, "items": items, "eval": False}
-    if cfg.train.eval_every >= 0:
-        try:
-            q, g = urls(cfg.data.query_split), urls(cfg.data.gallery_split)
-        except FileNotFoundError:
-            q, g = [], []
-        if q and g:
-            out.update(eval=True, query_index=index_shards(q), gallery_index=index_shards(g))
-            print(f"validation: {len(out['query_index'])} query, "
-                  f"{len(out['gallery_index'])} gallery images", flush=True)
-        else:
-            print("validation skipped: no query/gallery shards", flush=True)
-    return out
-
 
 def check_pretrained(spec: str) -> None:
     from model.checkpoint import resolve_pretrained
@@ -383,6 +301,8 @@ def run_training(cfg, address: str | None = None, num_cpus: int | None = None) -
     metrics are also appended to <storage>/<name>/epochs.jsonl (local storage).
     """
     import dataclasses
+
+    from model.train_data import prepare_data
 
     check_pretrained(cfg.train.pretrained)
     data = prepare_data(cfg)
