@@ -20,6 +20,7 @@ Example (CPU, 2 workers, ImageNet Lite0 start):
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -30,48 +31,69 @@ from pipelines._cli import add_ray_arguments, init_ray, make_parser, run_main
 STATE_FILE = "state.pt"
 
 
-# (option, config key, type, help)
+# (option, config key, type, help); the help's default is read from model/config.py's field
 SHORTCUTS = [
-    ("--shards", "data.shards", str, "folder of <split>-NNNNNN.tar shards (local or URI)"),
-    ("--train-split", "data.train_split", str, "split name of the training shards (train)"),
-    ("--query-split", "data.query_split", str, "split name of the validation queries (query)"),
-    ("--gallery-split", "data.gallery_split", str, "split name of the validation gallery (gallery)"),
-    ("--P", "data.P", int, "items per batch per worker (16)"),
-    ("--M", "data.M", int, "images per item (4); items with fewer use all theirs"),
-    ("--loader-threads", "data.loader_threads", int, "decode/augment threads per worker (2)"),
+    ("--shards", "data.shards", str, "folder of <split>-NNNNNN.tar shards, local or URI"),
+    ("--train-split", "data.train_split", str, "split name of the training shards"),
+    ("--query-split", "data.query_split", str, "split name of the validation queries"),
+    ("--gallery-split", "data.gallery_split", str, "split name of the validation gallery"),
+    ("--P", "data.P", int, "items per batch per worker"),
+    ("--M", "data.M", int, "images per item; items with fewer use all theirs"),
+    ("--loader-threads", "data.loader_threads", int, "decode/augment threads per worker"),
     ("--backbone", "model.backbone", str,
-     "resnet18 | resnet34 | resnet50 | resnet50_ibn_a | efficientnet_lite0 (resnet50)"),
-    ("--pooling", "model.pooling", str, "avg | max | gem | rmac (avg)"),
-    ("--last-stride", "model.last_stride", int, "stride of the last backbone stage, 1 or 2 (1)"),
+     "resnet18 | resnet34 | resnet50 | resnet50_ibn_a | efficientnet_lite0"),
+    ("--pooling", "model.pooling", str, "avg | max | gem | rmac"),
+    ("--last-stride", "model.last_stride", int, "stride of the last backbone stage, 1 or 2"),
     ("--pretrained", "train.pretrained", str,
-     "start weights: lite0-imagenet, a state-dict file or a model directory (none)"),
-    ("--epochs", "train.epochs", int, "epochs (120)"),
+     "start weights: lite0-imagenet, a state-dict file or a model directory"),
+    ("--epochs", "train.epochs", int, "epochs"),
     ("--steps-per-epoch", "train.steps_per_epoch", int,
-     "steps per epoch; 0 = one pass over all training items (0)"),
-    ("--lr", "train.lr", float, "Adam learning rate (3.5e-4)"),
-    ("--warmup-epochs", "train.warmup_epochs", int, "linear warm-up epochs (10)"),
-    ("--ctl-weight", "train.ctl_weight", float, "CTL weight; 0 switches CTL off (1.0)"),
-    ("--ap-weight", "train.ap_weight", float, "listwise AP loss weight; 0 = off (0)"),
-    ("--triplet-weight", "train.triplet_weight", float, "batch-hard triplet weight (1.0)"),
-    ("--center-weight", "train.center_weight", float, "center loss weight; 0 = off (5e-4)"),
-    ("--accum-steps", "train.accum_steps", int, "batches per optimiser step (1)"),
-    ("--margin", "train.margin", float, "triplet and CTL margin (0.5)"),
-    ("--amp", "train.amp", str, "mixed precision (fp16 autocast) on GPU: true | false (true)"),
+     "steps per epoch; 0 = one pass over all training items"),
+    ("--lr", "train.lr", float, "Adam learning rate"),
+    ("--warmup-epochs", "train.warmup_epochs", int, "linear warm-up epochs"),
+    ("--ctl-weight", "train.ctl_weight", float, "CTL weight; 0 switches CTL off"),
+    ("--ap-weight", "train.ap_weight", float, "listwise AP loss weight; 0 = off"),
+    ("--triplet-weight", "train.triplet_weight", float, "batch-hard triplet weight"),
+    ("--center-weight", "train.center_weight", float, "center loss weight; 0 = off"),
+    ("--accum-steps", "train.accum_steps", int, "batches per optimiser step"),
+    ("--margin", "train.margin", float, "triplet and CTL margin"),
+    ("--amp", "train.amp", str, "mixed precision (fp16 autocast) on GPU: true | false"),
     ("--channels-last", "train.channels_last", str,
-     "NHWC memory layout, GPU and CPU: true | false (true)"),
-    ("--eval-batch-size", "train.eval_batch_size", int, "validation embedding batch (128)"),
-    ("--seed", "train.seed", int, "random seed (0)"),
+     "NHWC memory layout, GPU and CPU: true | false"),
+    ("--eval-batch-size", "train.eval_batch_size", int, "validation embedding batch"),
+    ("--seed", "train.seed", int, "random seed"),
     ("--eval-every", "train.eval_every", int,
-     "validate every N epochs; 0 = after the last epoch only; -1 = never (0)"),
-    ("--name", "run.name", str, "run name; same name + storage path = resume (ctl)"),
+     "validate every N epochs; 0 = after the last epoch only; -1 = never"),
+    ("--name", "run.name", str, "run name; same name + storage path = resume"),
     ("--storage-path", "run.storage_path", str,
-     "where Ray Train keeps checkpoints (outputs/ray_results; local or URI)"),
-    ("--output", "run.output", str, "final model directory (<storage-path>/<name>/model)"),
-    ("--num-workers", "run.num_workers", int, "training workers (DDP ranks) (2)"),
-    ("--use-gpu", "run.use_gpu", str, "auto | true | false (auto: if the cluster has GPUs)"),
-    ("--cpus-per-worker", "run.cpus_per_worker", int, "CPUs reserved per worker (1)"),
-    ("--max-failures", "run.max_failures", int, "worker-group restarts from the last checkpoint (2)"),
+     "where Ray Train keeps checkpoints, local or URI"),
+    ("--output", "run.output", str, "final model directory"),
+    ("--num-workers", "run.num_workers", int, "training workers (DDP ranks)"),
+    ("--use-gpu", "run.use_gpu", str, "auto | true | false; auto = GPU if the cluster has one"),
+    ("--cpus-per-worker", "run.cpus_per_worker", int, "CPUs reserved per worker"),
+    ("--max-failures", "run.max_failures", int, "worker-group restarts from the last checkpoint"),
 ]
+
+
+# how the help shows an empty default
+EMPTY_DEFAULTS = {"data.shards": "none", "train.pretrained": "none",
+                  "run.output": "<storage-path>/<name>/model"}
+
+
+def default_text(key: str) -> str:
+    """'section.field' -> its model/config.py default as the help shows it."""
+    from model import config
+
+    section, name = key.split(".")
+    cls = {f.name: f.type for f in dataclasses.fields(config.Config)}[section]
+    value = config.field_default(getattr(config, cls) if isinstance(cls, str) else cls, name)
+    if value == "" and key in EMPTY_DEFAULTS:
+        return EMPTY_DEFAULTS[key]
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,14 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file with sections model/data/train/run")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set train.margin=0.3 (repeatable)")
+    # default=None everywhere: an option given on the command line overrides YAML and --set,
+    # one not given leaves them alone; the help shows the dataclass default
     p.add_argument("--input-size", nargs=2, type=int, default=None, metavar=("H", "W"),
-                   help="network input height and width (256 128)")
+                   help=f"network input height and width ({default_text('model.input_size')})")
     p.add_argument("--milestones", nargs="+", type=int, default=None, metavar="EPOCH",
-                   help="epochs where the learning rate is multiplied by 0.1 (40 70)")
+                   help="epochs where the learning rate is multiplied by "
+                        f"{default_text('train.gamma')} ({default_text('train.milestones')})")
     p.add_argument("--no-ctl", action="store_true", help="switch CTL off (same as --ctl-weight 0)")
     for opt, key, tp, help_text in SHORTCUTS:
         p.add_argument(opt, dest=key.replace(".", "__"), type=tp, default=None,
-                       help=f"{help_text} [{key}]")
+                       help=f"{help_text} ({default_text(key)}) [{key}]")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration as JSON and exit")
     add_ray_arguments(p)
