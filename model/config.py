@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +132,12 @@ class DataConfig:
             raise ValueError(f"erase_prob must be in [0, 1], got {self.erase_prob}")
         if self.min_images < 2:
             raise ValueError("min_images must be >= 2 (an item needs a positive)")
+        for split in ("train_split", "query_split", "gallery_split"):
+            # the shard file names' rule (model.shards.shard_name): no glob or path characters
+            _check(re.fullmatch(r"[A-Za-z0-9_]+", getattr(self, split)) is not None, split,
+                   "a name of letters, digits or '_'", getattr(self, split))
+        _check(self.loader_threads >= 1, "loader_threads", ">= 1", self.loader_threads)
+        _check(self.max_pixels >= 1, "max_pixels", ">= 1", self.max_pixels)
 
 
 @dataclass
@@ -180,6 +187,22 @@ class TrainConfig:
             raise ValueError("epochs and accum_steps must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        _check(self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0 (0 = one pass)",
+               self.steps_per_epoch)
+        _check(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
+        _check(0 < self.warmup_factor <= 1, "warmup_factor", "in (0, 1]", self.warmup_factor)
+        _check(all(m >= 0 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
+               "milestones", "epochs >= 0 in increasing order", self.milestones)
+        _check(self.gamma > 0, "gamma", "> 0", self.gamma)
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)", self.label_smoothing)
+        for name in ("weight_decay", "margin", "ce_weight", "triplet_weight", "ctl_weight",
+                     "ap_weight", "center_weight"):
+            _check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        _check(self.center_lr > 0, "center_lr", "> 0", self.center_lr)
+        _check(self.ap_bins >= 2, "ap_bins", ">= 2", self.ap_bins)
+        _check(self.eval_every >= -1, "eval_every", ">= -1 (-1 = never, 0 = after the last epoch)",
+               self.eval_every)
+        _check(self.eval_batch_size >= 1, "eval_batch_size", ">= 1", self.eval_batch_size)
         if not self.time_budget_s >= 0:  # also refuses NaN
             raise ValueError(f"time_budget_s must be >= 0, got {self.time_budget_s}")
         if self.schedule not in SCHEDULES:
@@ -211,6 +234,14 @@ class RunConfig:
             raise ValueError(f"use_gpu must be auto, true or false, got {self.use_gpu!r}")
         if self.num_workers < 1:
             raise ValueError("num_workers must be >= 1")
+        # the name is a folder under storage_path: no separators, nothing that climbs out of it
+        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None and self.name not in (".", ".."),
+               "name", "a name of letters, digits, '.', '_' or '-'", self.name)
+        _check(bool(self.storage_path), "storage_path", "a folder or URI", self.storage_path)
+        _check(self.cpus_per_worker >= 1, "cpus_per_worker", ">= 1", self.cpus_per_worker)
+        _check(self.max_failures >= -1, "max_failures", ">= -1 (-1 = retry forever)",
+               self.max_failures)
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1", self.keep_checkpoints)
 
 
 @dataclass
@@ -220,8 +251,29 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        for name, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
+                          ("run", RunConfig)):
+            _check(isinstance(getattr(self, name), cls), name, f"a {cls.__name__}",
+                   type(getattr(self, name)).__name__)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def field_default(cls, name: str) -> Any:
+    """The default of dataclass field `name` of `cls` (the one place a default is written)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def _check(ok: bool, name: str, wanted: str, got: Any) -> None:
+    """Every __post_init__ rejects a bad value the same way: one line naming field and value."""
+    if not ok:
+        raise ValueError(f"{name} must be {wanted}, got {got!r}")
+
 
 
 # ---------------------------------------------------------------- plain values -> dataclasses

@@ -224,3 +224,47 @@ def restore_training_state(state: dict, net, center, opt, copt, scaler=None) -> 
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     return int(state["epoch"]) + 1
+
+
+def global_stats(stats: EpochStats, skipped: int, device="cpu") -> dict:
+    """This rank's EpochStats -> metrics over all ranks (mean losses, total images/s).
+
+    With torch.distributed initialised, losses and steps are averaged over ranks, images and
+    `skipped` (unreadable training images) summed, and the epoch time is the slowest rank's;
+    otherwise this rank's figures are the totals. Returns {"loss_<part>", "lr", "steps",
+    "images", "skipped_images", "epoch_seconds", "images_per_s"}.
+    """
+    import torch.distributed as dist
+
+    names = sorted(stats.losses)
+    vals = torch.tensor([stats.losses[k] for k in names] + [stats.images, skipped, stats.steps],
+                        dtype=torch.float64, device=device)
+    secs = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
+    world = 1
+    if dist.is_initialized():
+        world = dist.get_world_size()
+        dist.all_reduce(vals)
+        dist.all_reduce(secs, op=dist.ReduceOp.MAX)
+    vals, secs = vals.cpu().tolist(), float(secs.item())
+    out = {f"loss_{k}": vals[i] / world for i, k in enumerate(names)}
+    images, skipped_all, steps = vals[len(names):]
+    out.update(lr=stats.lr, steps=int(steps / world), images=int(images),
+               skipped_images=int(skipped_all), epoch_seconds=round(secs, 2),
+               images_per_s=round(images / secs, 2) if secs > 0 else 0.0)
+    return out
+
+
+def format_epoch(m: dict) -> str:
+    """One log line for an epoch's metrics (global_stats, plus validation scores if present)."""
+    losses = " ".join(f"{k[5:]}={m[k]:.4f}" for k in sorted(m) if k.startswith("loss_"))
+    line = (f"epoch {m['epoch']}: {losses} lr={m['lr']:.2e} steps={m['steps']} "
+            f"images={m['images']} {m['images_per_s']:.1f} img/s ({m['epoch_seconds']:.1f}s)")
+    if m.get("skipped_images"):
+        line += f" skipped={m['skipped_images']}"
+    if "planned_epochs" in m:
+        line += (f" [budget: {m['trained_s']:.0f}/{m['time_budget_s']:.0f} s, "
+                 f"{m['planned_epochs']} epochs planned]")
+    if "instance_mAP" in m:
+        line += (f" | instance mAP={m['instance_mAP']:.4f} R1={m['instance_rank1']:.4f}"
+                 f" centroid mAP={m['centroid_mAP']:.4f} R1={m['centroid_rank1']:.4f}")
+    return line

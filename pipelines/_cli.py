@@ -1,7 +1,9 @@
-"""What every job shares: one-line errors with a non-zero exit, quiet logs, and connecting to Ray.
+"""What every job shares: its argument parser, one-line errors with a non-zero exit, quiet logs,
+and connecting to Ray.
 
 A job's `main(argv)` raises on bad input; `run_main` turns that into `error: <reason>` on
-stderr and exit status 2 (set CR_DEBUG=1 to see the traceback instead).
+stderr and exit status 2 (set CR_DEBUG=1 to see the traceback instead). `make_parser(__doc__)`
+gives the job's parser: bad arguments raise ValueError, so they take the same one-line path.
 
 Every job accepts --quiet (no progress bars, only the job's final lines and errors) and
 --log-level (of the libraries' loggers, Ray's included; default warning): `run_main` takes them
@@ -10,6 +12,7 @@ Ray's own log files (/tmp/ray/session_latest/logs) unless --log-level info or de
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -18,6 +21,21 @@ from dataclasses import dataclass
 # Errors that mean "bad input or environment", reported in one line.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError, KeyError, OSError, RuntimeError)
+
+__all__ = ["USER_ERRORS", "Parser", "add_ray_arguments", "init_ray", "make_parser", "run_main"]
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad arguments become a one-line `error: ...` with exit 2 (via run_main)."""
+
+    def error(self, message):
+        # argparse would print its usage block and exit; a ValueError takes run_main's one line
+        raise ValueError(message)
+
+
+def make_parser(doc: str | None) -> Parser:
+    """The job's parser: `doc` (its module docstring) as the --help text, kept as written."""
+    return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -17,13 +17,13 @@ import shlex
 import subprocess
 import time
 
-from pipelines._cli import run_main
+from pipelines._cli import make_parser, run_main
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--out", default="outputs/demo", help="work directory (default outputs/demo)")
     p.add_argument("--items", type=int, default=160, help="synthetic identities (half train, half test)")
     p.add_argument("--images-per-item", type=int, default=12)

@@ -8,14 +8,13 @@
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
-import argparse
 import json
 
-from pipelines._cli import run_main
+from pipelines._cli import make_parser, run_main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, helptext in [("list", "list complete versions (oldest first), marking CURRENT"),
                            ("rollback", "point CURRENT at an earlier version"),

@@ -23,21 +23,14 @@ import argparse
 import os
 import time
 
-from pipelines._cli import run_main
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments become a one-line `error: ...` with exit 2 (via run_main)."""
-
-    def error(self, message):
-        raise ValueError(message)
+from pipelines._cli import make_parser, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     from model.ingest import DEFAULT_MAX_PIXELS
     from model.shards import DEFAULT_SHARD_SIZE
 
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--format", required=True, choices=["market1501", "folders", "manifest"],
                    help="dataset layout under --root")
     p.add_argument("--root", required=True, help="dataset root; image ids are paths relative to it")

@@ -16,18 +16,11 @@ import argparse
 import os
 import time
 
-from pipelines._cli import run_main
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments become a one-line `error: ...` with exit 2 (via run_main)."""
-
-    def error(self, message):
-        raise ValueError(message)
+from pipelines._cli import make_parser, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--items", type=int, required=True, help="number of identities")
     p.add_argument("--images-per-item", type=int, required=True, help="images of each identity")
     p.add_argument("--cameras", type=int, default=6, help="number of cameras (default 6)")

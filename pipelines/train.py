@@ -25,99 +25,117 @@ Example (CPU, 2 workers, ImageNet Lite0 start, the default recipe held to 30 min
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
 import time
 
-from pipelines._cli import add_ray_arguments, init_ray, run_main
+from pipelines._cli import add_ray_arguments, init_ray, make_parser, run_main
 
 STATE_FILE = "state.pt"
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments become a one-line `error: ...` with exit 2 (via run_main)."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
-# (option, config key, type, help)
+# (option, config key, type, help); the help's default is read from model/config.py's field
 SHORTCUTS = [
-    ("--shards", "data.shards", str, "folder of <split>-NNNNNN.tar shards (local or URI)"),
-    ("--train-split", "data.train_split", str, "split name of the training shards (train)"),
-    ("--query-split", "data.query_split", str, "split name of the validation queries (query)"),
-    ("--gallery-split", "data.gallery_split", str, "split name of the validation gallery (gallery)"),
-    ("--P", "data.P", int, "items per batch per worker (16)"),
-    ("--M", "data.M", int, "images per item (4); items with fewer use all theirs"),
-    ("--loader-threads", "data.loader_threads", int, "decode/augment threads per worker (2)"),
-    ("--crop-pad", "data.crop_pad", int, "train crop: pad by N pixels, random crop back (10)"),
-    ("--erase-prob", "data.erase_prob", float, "train random-erasing probability; 0 = off (0.5)"),
+    ("--shards", "data.shards", str, "folder of <split>-NNNNNN.tar shards, local or URI"),
+    ("--train-split", "data.train_split", str, "split name of the training shards"),
+    ("--query-split", "data.query_split", str, "split name of the validation queries"),
+    ("--gallery-split", "data.gallery_split", str, "split name of the validation gallery"),
+    ("--P", "data.P", int, "items per batch per worker"),
+    ("--M", "data.M", int, "images per item; items with fewer use all theirs"),
+    ("--loader-threads", "data.loader_threads", int, "decode/augment threads per worker"),
+    ("--crop-pad", "data.crop_pad", int, "train crop: pad by N pixels, random crop back"),
+    ("--erase-prob", "data.erase_prob", float, "train random-erasing probability; 0 = off"),
     ("--backbone", "model.backbone", str,
-     "resnet18 | resnet34 | resnet50 | resnet50_ibn_a | efficientnet_lite0 (resnet50)"),
-    ("--pooling", "model.pooling", str, "avg | max | gem | rmac (rmac)"),
-    ("--neck-feat", "model.neck_feat", str,
-     "inference embedding: after | before the BN-neck (after)"),
-    ("--gem-p", "model.gem_p", float, "GeM: starting exponent p, learned from there (3.0)"),
+     "resnet18 | resnet34 | resnet50 | resnet50_ibn_a | efficientnet_lite0"),
+    ("--pooling", "model.pooling", str, "avg | max | gem | rmac"),
+    ("--neck-feat", "model.neck_feat", str, "inference embedding: after | before the BN-neck"),
+    ("--gem-p", "model.gem_p", float, "GeM: starting exponent p, learned from there"),
     ("--flip-test", "model.flip_test", str,
-     "test-time flip: embed as the mean of the image and its mirror: true | false (true)"),
-    ("--last-stride", "model.last_stride", int, "stride of the last backbone stage, 1 or 2 (1)"),
+     "test-time flip: embed as the mean of the image and its mirror: true | false"),
+    ("--last-stride", "model.last_stride", int, "stride of the last backbone stage, 1 or 2"),
     ("--pretrained", "train.pretrained", str,
-     "start weights: lite0-imagenet, a state-dict file or a model directory (none)"),
-    ("--epochs", "train.epochs", int, "epochs (120)"),
+     "start weights: lite0-imagenet, a state-dict file or a model directory"),
+    ("--epochs", "train.epochs", int, "epochs"),
     ("--steps-per-epoch", "train.steps_per_epoch", int,
-     "steps per epoch; 0 = one pass over all training items (0)"),
-    ("--lr", "train.lr", float, "Adam learning rate (3.5e-4)"),
-    ("--warmup-epochs", "train.warmup_epochs", int, "linear warm-up epochs (10)"),
+     "steps per epoch; 0 = one pass over all training items"),
+    ("--lr", "train.lr", float, "Adam learning rate"),
+    ("--warmup-epochs", "train.warmup_epochs", int, "linear warm-up epochs"),
     ("--schedule", "train.schedule", str,
-     "with --time-budget: step (x0.1 at --milestone-fracs) | cosine (step)"),
+     "with --time-budget: step (x0.1 at --milestone-fracs) | cosine"),
     ("--warmup-frac", "train.warmup_frac", float,
-     "with --time-budget: linear warm-up over this fraction of the run (0.1)"),
-    ("--center-lr", "train.center_lr", float, "SGD learning rate of the centers (0.5)"),
-    ("--ctl-weight", "train.ctl_weight", float, "CTL weight; 0 switches CTL off (1.0)"),
-    ("--ap-weight", "train.ap_weight", float, "listwise AP loss weight; 0 = off (0)"),
-    ("--triplet-weight", "train.triplet_weight", float, "batch-hard triplet weight (1.0)"),
-    ("--center-weight", "train.center_weight", float, "center loss weight; 0 = off (5e-4)"),
-    ("--accum-steps", "train.accum_steps", int, "batches per optimiser step (1)"),
-    ("--margin", "train.margin", float, "triplet and CTL margin (0.5)"),
-    ("--amp", "train.amp", str, "mixed precision (fp16 autocast) on GPU: true | false (true)"),
+     "with --time-budget: linear warm-up over this fraction of the run"),
+    ("--center-lr", "train.center_lr", float, "SGD learning rate of the centers"),
+    ("--ctl-weight", "train.ctl_weight", float, "CTL weight; 0 switches CTL off"),
+    ("--ap-weight", "train.ap_weight", float, "listwise AP loss weight; 0 = off"),
+    ("--triplet-weight", "train.triplet_weight", float, "batch-hard triplet weight"),
+    ("--center-weight", "train.center_weight", float, "center loss weight; 0 = off"),
+    ("--accum-steps", "train.accum_steps", int, "batches per optimiser step"),
+    ("--margin", "train.margin", float, "triplet and CTL margin"),
+    ("--amp", "train.amp", str, "mixed precision (fp16 autocast) on GPU: true | false"),
     ("--channels-last", "train.channels_last", str,
-     "NHWC memory layout, GPU and CPU: true | false (true)"),
-    ("--eval-batch-size", "train.eval_batch_size", int, "validation embedding batch (128)"),
-    ("--seed", "train.seed", int, "random seed (0)"),
+     "NHWC memory layout, GPU and CPU: true | false"),
+    ("--eval-batch-size", "train.eval_batch_size", int, "validation embedding batch"),
+    ("--seed", "train.seed", int, "random seed"),
     ("--eval-every", "train.eval_every", int,
-     "validate every N epochs; 0 = after the last epoch only; -1 = never (0)"),
-    ("--name", "run.name", str, "run name; same name + storage path = resume (ctl)"),
+     "validate every N epochs; 0 = after the last epoch only; -1 = never"),
+    ("--name", "run.name", str, "run name; same name + storage path = resume"),
     ("--storage-path", "run.storage_path", str,
-     "where Ray Train keeps checkpoints (outputs/ray_results; local or URI)"),
-    ("--output", "run.output", str, "final model directory (<storage-path>/<name>/model)"),
-    ("--num-workers", "run.num_workers", int, "training workers (DDP ranks) (2)"),
-    ("--use-gpu", "run.use_gpu", str, "auto | true | false (auto: if the cluster has GPUs)"),
-    ("--cpus-per-worker", "run.cpus_per_worker", int, "CPUs reserved per worker (1)"),
-    ("--max-failures", "run.max_failures", int, "worker-group restarts from the last checkpoint (2)"),
+     "where Ray Train keeps checkpoints, local or URI"),
+    ("--output", "run.output", str, "final model directory"),
+    ("--num-workers", "run.num_workers", int, "training workers (DDP ranks)"),
+    ("--use-gpu", "run.use_gpu", str, "auto | true | false; auto = GPU if the cluster has one"),
+    ("--cpus-per-worker", "run.cpus_per_worker", int, "CPUs reserved per worker"),
+    ("--max-failures", "run.max_failures", int, "worker-group restarts from the last checkpoint"),
 ]
 
 
+# how the help shows an empty default
+EMPTY_DEFAULTS = {"data.shards": "none", "train.pretrained": "none",
+                  "run.output": "<storage-path>/<name>/model"}
+
+
+def default_text(key: str) -> str:
+    """'section.field' -> its model/config.py default as the help shows it."""
+    from model import config
+
+    section, name = key.split(".")
+    cls = {f.name: f.type for f in dataclasses.fields(config.Config)}[section]
+    value = config.field_default(getattr(config, cls) if isinstance(cls, str) else cls, name)
+    if value == "" and key in EMPTY_DEFAULTS:
+        return EMPTY_DEFAULTS[key]
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--config", default=None, help="YAML file with sections model/data/train/run")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set train.margin=0.3 (repeatable)")
+    # default=None everywhere: an option given on the command line overrides YAML and --set,
+    # one not given leaves them alone; the help shows the dataclass default
     p.add_argument("--input-size", nargs=2, type=int, default=None, metavar=("H", "W"),
-                   help="network input height and width (256 128)")
+                   help=f"network input height and width ({default_text('model.input_size')})")
     p.add_argument("--milestones", nargs="+", type=int, default=None, metavar="EPOCH",
-                   help="epochs where the learning rate is multiplied by 0.1 (40 70)")
+                   help="epochs where the learning rate is multiplied by "
+                        f"{default_text('train.gamma')} ({default_text('train.milestones')})")
     p.add_argument("--time-budget", default=None, metavar="DURATION",
                    help="train for this wall-clock time (30m, 1800s, 1h): epoch 0 measures the "
                         "pace, the epochs and the LR schedule (warm-up, decay) are sized to the "
                         "budget as fractions of the run; replaces --epochs/--milestones")
     p.add_argument("--milestone-fracs", nargs="+", type=float, default=None, metavar="FRAC",
                    help="with --time-budget and --schedule step: fractions of the run where the "
-                        "learning rate is multiplied by 0.1 (0.7 0.9)")
+                        f"learning rate is multiplied by {default_text('train.gamma')} "
+                        f"({default_text('train.milestone_fracs')})")
     p.add_argument("--no-ctl", action="store_true", help="switch CTL off (same as --ctl-weight 0)")
     for opt, key, tp, help_text in SHORTCUTS:
         p.add_argument(opt, dest=key.replace(".", "__"), type=tp, default=None,
-                       help=f"{help_text} [{key}]")
+                       help=f"{help_text} ({default_text(key)}) [{key}]")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration as JSON and exit")
     add_ray_arguments(p)
@@ -168,7 +186,14 @@ def train_loop_per_worker(config: dict) -> None:
     from model.losses import CenterLoss
     from model.sampler import ShardReader, iter_plan_rows, plan_epoch
     from model.schedule import BudgetPlan, budget_lr_factor, format_duration
-    from model.training import build_optimizers, restore_training_state, train_epoch, training_state
+    from model.training import (
+        build_optimizers,
+        format_epoch,
+        global_stats,
+        restore_training_state,
+        train_epoch,
+        training_state,
+    )
     from model.transforms import train_transform
 
     cfg = from_dict(Config, config["cfg"])
@@ -235,7 +260,7 @@ def train_loop_per_worker(config: dict) -> None:
         if stats.images == 0:
             reason = loader.skipped[0] if loader.skipped else "no batches"
             raise RuntimeError(f"epoch {epoch}: no training image could be read ({reason})")
-        metrics = _global_stats(stats, len(loader.skipped), device)
+        metrics = global_stats(stats, len(loader.skipped), device)
         metrics["epoch"] = epoch
         metrics["resumed_at"] = start
         if plan is None:
@@ -301,29 +326,6 @@ def _agree_max(value: float, device) -> float:
     return float(t.item())
 
 
-def _global_stats(stats, skipped: int, device) -> dict:
-    """This rank's EpochStats -> metrics over all ranks (mean losses, total images/s)."""
-    import torch
-    import torch.distributed as dist
-
-    names = sorted(stats.losses)
-    vals = torch.tensor([stats.losses[k] for k in names] + [stats.images, skipped, stats.steps],
-                        dtype=torch.float64, device=device)
-    secs = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
-    world = 1
-    if dist.is_initialized():
-        world = dist.get_world_size()
-        dist.all_reduce(vals)
-        dist.all_reduce(secs, op=dist.ReduceOp.MAX)
-    vals, secs = vals.cpu().tolist(), float(secs.item())
-    out = {f"loss_{k}": vals[i] / world for i, k in enumerate(names)}
-    images, skipped_all, steps = vals[len(names):]
-    out.update(lr=stats.lr, steps=int(steps / world), images=int(images),
-               skipped_images=int(skipped_all), epoch_seconds=round(secs, 2),
-               images_per_s=round(images / secs, 2) if secs > 0 else 0.0)
-    return out
-
-
 def _validate(net, config, cfg, rank, world, device, on_gpu) -> dict:
     """Embed query + gallery (rows split over ranks), gather on all ranks, score on rank 0."""
     import numpy as np
@@ -331,6 +333,7 @@ def _validate(net, config, cfg, rank, world, device, on_gpu) -> dict:
 
     from model.data import embed_rows
     from model.transforms import eval_transform
+    from pipelines._validation import reid_metrics
 
     t0 = time.perf_counter()
     tf = eval_transform(cfg.model)
@@ -362,77 +365,7 @@ def _validate(net, config, cfg, rank, world, device, on_gpu) -> dict:
     return out
 
 
-def reid_metrics(qidx, gidx, merged) -> dict:
-    """Instance and centroid mAP / Rank-1 (DESIGN evaluation protocol via index.evaluation.metrics)."""
-    from index.evaluation import metrics as M
-
-    qrows, q = merged["query"]
-    grows, g = merged["gallery"]
-    qc, gc = qidx.camera_id[qrows], gidx.camera_id[grows]
-    cams = (qc >= 0).any() or (gc >= 0).any()
-    codes = M.encode_labels(qidx.item_id[qrows], gidx.item_id[grows],
-                            qc if cams else None, gc if cams else None)
-    inst = M.summarize(M.evaluate_instances(q, g, codes))
-    cent = M.summarize(M.evaluate_centroids(
-        q, codes, M.item_sums(g, codes.gallery_items, codes.gallery_cams)))
-    return {"instance_mAP": inst["mAP"], "instance_rank1": inst["cmc"]["1"],
-            "centroid_mAP": cent["mAP"], "centroid_rank1": cent["cmc"]["1"],
-            "num_valid_queries": inst["num_valid_queries"]}
-
-
-def format_epoch(m: dict) -> str:
-    losses = " ".join(f"{k[5:]}={m[k]:.4f}" for k in sorted(m) if k.startswith("loss_"))
-    line = (f"epoch {m['epoch']}: {losses} lr={m['lr']:.2e} steps={m['steps']} "
-            f"images={m['images']} {m['images_per_s']:.1f} img/s ({m['epoch_seconds']:.1f}s)")
-    if m.get("skipped_images"):
-        line += f" skipped={m['skipped_images']}"
-    if "planned_epochs" in m:
-        line += (f" [budget: {m['trained_s']:.0f}/{m['time_budget_s']:.0f} s, "
-                 f"{m['planned_epochs']} epochs planned]")
-    if "instance_mAP" in m:
-        line += (f" | instance mAP={m['instance_mAP']:.4f} R1={m['instance_rank1']:.4f}"
-                 f" centroid mAP={m['centroid_mAP']:.4f} R1={m['centroid_rank1']:.4f}")
-    return line
-
-
 # ------------------------------------------------------------------------------ the driver
-
-def prepare_data(cfg) -> dict:
-    """Index the shards (tar headers + JSON rows only) and fix the class count."""
-    from model.sampler import eligible_items, index_shards
-    from model.shards import list_shards
-
-    if not cfg.data.shards:
-        raise ValueError("no shards given (--shards or data.shards)")
-    def urls(split):  # absolute: Ray workers do not run in this process's directory
-        return [u if "://" in u else os.path.abspath(u)
-                for u in list_shards(cfg.data.shards, split)]
-
-    train_urls = urls(cfg.data.train_split)
-    if not train_urls:
-        raise FileNotFoundError(f"no {cfg.data.train_split}-NNNNNN.tar shards in {cfg.data.shards}")
-    train_index = index_shards(train_urls)
-    items = eligible_items(train_index.item_id, cfg.data.min_images)
-    n_all = len(set(train_index.item_id.tolist()))
-    print(f"train: {len(train_index)} images, {n_all} items, {len(items)} with >= "
-          f"{cfg.data.min_images} images ({n_all - len(items)} skipped)", flush=True)
-    need = cfg.data.P * cfg.run.num_workers
-    if len(items) < need:
-        raise ValueError(f"need at least P x num_workers = {need} training items, have {len(items)}")
-    out = {"train_index": train_index, "items": items, "eval": False}
-    if cfg.train.eval_every >= 0:
-        try:
-            q, g = urls(cfg.data.query_split), urls(cfg.data.gallery_split)
-        except FileNotFoundError:
-            q, g = [], []
-        if q and g:
-            out.update(eval=True, query_index=index_shards(q), gallery_index=index_shards(g))
-            print(f"validation: {len(out['query_index'])} query, "
-                  f"{len(out['gallery_index'])} gallery images", flush=True)
-        else:
-            print("validation skipped: no query/gallery shards", flush=True)
-    return out
-
 
 def check_pretrained(spec: str) -> None:
     from model.checkpoint import resolve_pretrained
@@ -464,6 +397,8 @@ def run_training(cfg, address: str | None = None, num_cpus: int | None = None) -
     metrics are also appended to <storage>/<name>/epochs.jsonl (local storage).
     """
     import dataclasses
+
+    from model.train_data import prepare_data
 
     check_pretrained(cfg.train.pretrained)
     data = prepare_data(cfg)

@@ -16,12 +16,11 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 import argparse
 import time
 
-from pipelines._cli import run_main
+from pipelines._cli import make_parser, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--embeddings", required=True,
                    help="input embeddings or centroids (Parquet file or directory, any pyarrow URI)")
     p.add_argument("--apply", default=None, metavar="FILE.npz",

@@ -47,3 +47,52 @@ def test_yaml_cannot_construct_objects(tmp_path):
 def test_model_config_json_round_trip():
     cfg = ModelConfig(backbone="resnet34", num_classes=3, input_size=(96, 48))
     assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("cls, kwargs, match", [
+    ("DataConfig", {"loader_threads": 0}, "loader_threads must be >= 1, got 0"),
+    ("DataConfig", {"max_pixels": 0}, "max_pixels must be >= 1"),
+    ("DataConfig", {"query_split": "q*"}, "query_split must be a name"),
+    ("TrainConfig", {"steps_per_epoch": -1}, "steps_per_epoch must be >= 0"),
+    ("TrainConfig", {"warmup_epochs": -1}, "warmup_epochs must be >= 0"),
+    ("TrainConfig", {"warmup_factor": 0.0}, "warmup_factor must be in (0, 1]"),
+    ("TrainConfig", {"milestones": (70, 40)}, "milestones must be epochs >= 0 in increasing order"),
+    ("TrainConfig", {"gamma": 0.0}, "gamma must be > 0"),
+    ("TrainConfig", {"label_smoothing": 1.0}, "label_smoothing must be in [0, 1)"),
+    ("TrainConfig", {"margin": -0.1}, "margin must be >= 0"),
+    ("TrainConfig", {"ctl_weight": -1.0}, "ctl_weight must be >= 0"),
+    ("TrainConfig", {"center_lr": 0.0}, "center_lr must be > 0"),
+    ("TrainConfig", {"ap_bins": 1}, "ap_bins must be >= 2"),
+    ("TrainConfig", {"eval_every": -2}, "eval_every must be >= -1"),
+    ("TrainConfig", {"eval_batch_size": 0}, "eval_batch_size must be >= 1"),
+    ("RunConfig", {"name": "a/b"}, "name must be a name"),
+    ("RunConfig", {"name": ".."}, "name must be a name"),
+    ("RunConfig", {"storage_path": ""}, "storage_path must be a folder or URI"),
+    ("RunConfig", {"cpus_per_worker": 0}, "cpus_per_worker must be >= 1"),
+    ("RunConfig", {"max_failures": -2}, "max_failures must be >= -1"),
+    ("RunConfig", {"keep_checkpoints": 0}, "keep_checkpoints must be >= 1"),
+])
+def test_dataclasses_reject_bad_values_on_construction(cls, kwargs, match):
+    from model import config
+
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("*", r"\*")) as e:
+        getattr(config, cls)(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_config_sections_must_be_their_dataclasses():
+    from model.config import TrainConfig
+
+    with pytest.raises(ValueError, match="model must be a ModelConfig, got 'TrainConfig'"):
+        Config(model=TrainConfig())
+
+
+def test_field_default_reads_the_dataclass():
+    from model.config import DataConfig, TrainConfig, field_default
+
+    assert field_default(DataConfig, "P") == DataConfig().P
+    assert field_default(TrainConfig, "milestones") == TrainConfig().milestones
+    assert field_default(Config, "model") == ModelConfig()
+    with pytest.raises(KeyError, match="no field 'nope'"):
+        field_default(TrainConfig, "nope")

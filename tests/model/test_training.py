@@ -153,3 +153,27 @@ def test_rmac_pooling_and_ap_loss_train_together():
     assert 0.0 < float(parts["ap"]) <= 1.0
     total.backward()
     assert next(net.backbone.parameters()).grad is not None
+
+
+def test_global_stats_single_process_is_this_ranks_totals():
+    from model.training import EpochStats, global_stats
+
+    stats = EpochStats(losses={"ce": 2.0, "triplet": 0.5}, lr=1e-3, steps=4, images=40, seconds=8.0)
+    m = global_stats(stats, skipped=3)
+    assert m == {"loss_ce": 2.0, "loss_triplet": 0.5, "lr": 1e-3, "steps": 4, "images": 40,
+                 "skipped_images": 3, "epoch_seconds": 8.0, "images_per_s": 5.0}
+    zero = global_stats(EpochStats(losses={}, lr=0.1, steps=0, images=0, seconds=0.0), skipped=0)
+    assert zero["images_per_s"] == 0.0 and zero["images"] == 0
+
+
+def test_format_epoch_line():
+    from model.training import format_epoch
+
+    m = {"epoch": 3, "loss_ce": 1.23456, "loss_ctl": 0.5, "lr": 3.5e-4, "steps": 10, "images": 640,
+         "images_per_s": 80.04, "epoch_seconds": 8.0, "skipped_images": 0}
+    assert format_epoch(m) == ("epoch 3: ce=1.2346 ctl=0.5000 lr=3.50e-04 steps=10 images=640 "
+                               "80.0 img/s (8.0s)")
+    m.update(skipped_images=2, instance_mAP=0.5, instance_rank1=0.75, centroid_mAP=0.6,
+             centroid_rank1=0.8)
+    assert format_epoch(m).endswith(" skipped=2 | instance mAP=0.5000 R1=0.7500"
+                                    " centroid mAP=0.6000 R1=0.8000")
