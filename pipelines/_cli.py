@@ -116,8 +116,11 @@ def add_ray_arguments(parser) -> None:
                         help="CPUs for an embedded local Ray (ignored when attaching to a cluster)")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None):
-    """Attach to `address` / $RAY_ADDRESS, or start Ray inside this process."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, worker_output: bool = False):
+    """Attach to `address` / $RAY_ADDRESS, or start Ray inside this process.
+
+    worker_output: the job's own progress is printed by its Ray workers (training's epoch lines
+    come from rank 0), so their output is forwarded to the terminal at every log level."""
     import logging
 
     import ray  # heavy: imported only by jobs that use it
@@ -129,7 +132,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     # session log files keep it either way
     verbose = _LOG.level in ("debug", "info")
     level = getattr(logging, _LOG.level.upper())
-    kwargs = {"log_to_driver": verbose, "logging_level": level}
+    kwargs = {"log_to_driver": verbose or worker_output, "logging_level": level}
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -408,7 +408,7 @@ def run_training(cfg, address: str | None = None, num_cpus: int | None = None) -
         storage = os.path.abspath(storage)
     output = cfg.run.output or os.path.join(storage, cfg.run.name, "model")
 
-    init_ray(address, num_cpus)
+    init_ray(address, num_cpus, worker_output=True)
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
