@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from contracts.keys import row_keys
+
 SAMPLE_COLUMNS = ("image_id", "item_id", "camera_id", "split", "image", "content_hash", "read_error",
                   "carry")
 LABEL_COLUMNS = ("image_id", "item_id", "camera_id", "split")
@@ -33,22 +35,6 @@ LABEL_COLUMNS = ("image_id", "item_id", "camera_id", "split")
 def content_hash(data: bytes) -> str:
     """sha256 hex digest of the encoded image bytes (what decides 'changed' incrementally)."""
     return hashlib.sha256(data).hexdigest()
-
-
-def row_key(image_id: str, chash: str, item_id: str, camera_id, split) -> int:
-    """64-bit key of everything an embeddings row depends on besides the model: the image id,
-    its bytes (content hash) and its labels. Equal keys -> the previous row can be carried."""
-    text = "\x1f".join([str(image_id), str(chash), str(item_id),
-                        "" if camera_id is None else str(int(camera_id)), str(split or "")])
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
-
-
-def row_keys(table: pa.Table | pa.RecordBatch) -> np.ndarray:
-    """(N,) int64 row_key of each row of a table with LABEL_COLUMNS + content_hash."""
-    cols = [table.column(c).to_pylist() for c in (*LABEL_COLUMNS, "content_hash")]
-    image_ids, items, cams, splits, hashes = cols
-    return np.fromiter((row_key(i, h, it, c, s) for i, it, c, s, h in zip(image_ids, items, cams, splits, hashes)),
-                       dtype=np.int64, count=len(image_ids))
 
 
 def sample_table(rows: Sequence[dict], images: Sequence[bytes],
@@ -68,8 +54,8 @@ def sample_table(rows: Sequence[dict], images: Sequence[bytes],
 
 
 def mark_carried(table: pa.Table, previous_keys: np.ndarray | None) -> pa.Table:
-    """Set `carry` on rows whose row_key is in previous_keys (sorted (P,) int64) and drop their
-    image bytes, so unchanged images never travel further nor reach the model."""
+    """Set `carry` on rows whose row key (contracts.keys.row_keys) is in previous_keys (sorted
+    (P,) int64) and drop their image bytes, so unchanged images never travel further nor reach the model."""
     if previous_keys is None or len(previous_keys) == 0 or table.num_rows == 0:
         return table
     keys = row_keys(table)

@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from index.centroids import aggregate as C
+from contracts.keys import KEY_COLUMNS, row_keys
 from contracts.storage import atomic_dir, write_text_atomic
 from contracts.vectors import (
     VectorFileError,
@@ -71,6 +71,7 @@ from contracts.vectors import (
     read_vectors,
 )
 from index.ann.versions import IndexHome, new_version_name, read_small_file
+from index.centroids import aggregate as C
 
 STATE_FILE = "state.json"
 PENDING_FILE = "pending.json"
@@ -79,7 +80,6 @@ LOCK_FILE = ".reindex.lock"
 CENTROIDS_FILE = "centroids.parquet"
 SUMS_FILE = "item_camera_sums.parquet"
 STEPS = ("embed", "centroids", "build", "gate", "publish", "commit", "prune")
-KEY_COLUMNS = ("image_id", "content_hash", "item_id", "camera_id", "split")
 INDEX_KINDS = ("centroids", "embeddings")
 GATE_HISTORY = 50  # validation reports kept in state.json (published versions only)
 
@@ -239,32 +239,22 @@ def reindex_locks(work: str, home: IndexHome) -> Iterator[None]:
 # what changed between two embeddings outputs
 
 
-def row_keys(table: pa.Table | pa.RecordBatch) -> pa.Array:
-    """(N,) string key of each embeddings row: image id, content hash, item, camera, split.
-    Two rows with the same key have the same vector for the same model."""
-    cols = []
-    for name in KEY_COLUMNS:
-        if name not in table.schema.names:
-            if name == "content_hash":
-                raise VectorFileError("embeddings have no content_hash column (not written by embed)")
-            cols.append(pa.array([""] * table.num_rows, pa.string()))
-            continue
-        col = table.column(name)
-        if not pa.types.is_string(col.type):
-            col = pc.cast(col, pa.string())
-        cols.append(pc.fill_null(col, ""))
-    keys = pc.binary_join_element_wise(*cols, "\x1f")
-    return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
-
-
-def read_keys(emb_dir: str) -> pa.Array:
-    """Keys of every row of an embeddings output (labels and hashes only, no vectors)."""
+def read_keys(emb_dir: str) -> np.ndarray:
+    """Sorted (N,) int64 row keys (contracts.keys.row_keys) of every row of an embeddings output
+    (labels and hashes only, no vectors)."""
     ds = open_dataset(emb_dir)
     cols = [c for c in KEY_COLUMNS if c in ds.schema.names]
     if "content_hash" not in cols:
         raise VectorFileError(f"{emb_dir}: no content_hash column (not written by embed)")
     keys = [row_keys(b) for b in ds.to_batches(columns=cols) if b.num_rows]
-    return pa.concat_arrays(keys) if keys else pa.array([], pa.string())
+    return np.sort(np.concatenate(keys)) if keys else np.empty(0, np.int64)
+
+
+def _not_in(keys: np.ndarray) -> Callable[[pa.RecordBatch], pa.Array]:
+    """keep(batch): rows whose key is not in `keys` (sorted int64)."""
+    def keep(b: pa.RecordBatch) -> pa.Array:
+        return pa.array(~np.isin(row_keys(b), keys))
+    return keep
 
 
 @dataclass
@@ -309,10 +299,8 @@ def diff_embeddings(old_dir: str, new_dir: str, batch_size: int = 65536) -> Delt
     (item, camera). Memory: the keys of both sides plus the touched pairs' sums."""
     dim = check_schema(open_dataset(new_dir).schema, "embeddings", new_dir).dim
     old_keys, new_keys = read_keys(old_dir), read_keys(new_dir)
-    added, n_added = _sums_of_rows(
-        new_dir, lambda b: pc.invert(pc.is_in(row_keys(b), value_set=old_keys)), dim, batch_size)
-    removed, n_removed = _sums_of_rows(
-        old_dir, lambda b: pc.invert(pc.is_in(row_keys(b), value_set=new_keys)), dim, batch_size)
+    added, n_added = _sums_of_rows(new_dir, _not_in(old_keys), dim, batch_size)
+    removed, n_removed = _sums_of_rows(old_dir, _not_in(new_keys), dim, batch_size)
     return Delta(added, removed, n_added, n_removed)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from contracts.keys import row_keys
 from model import embedding as E
 
 
@@ -78,7 +79,7 @@ def test_runner_matches_plain_forward_and_skips_corrupt(tiny_model):
 def test_mark_carried_matches_full_row_key():
     imgs = [jpeg(5), jpeg(6), jpeg(7)]
     t = E.sample_table(rows(3), imgs)
-    prev = np.sort(E.row_keys(t.slice(0, 2)))
+    prev = np.sort(row_keys(t.slice(0, 2)))
     # image 1 changed bytes, image 2 is new: only image 0 is carried
     t2 = E.sample_table(rows(3), [imgs[0], jpeg(60), imgs[2]])
     m = E.mark_carried(t2, prev)
