@@ -60,129 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _previous_keys(prev: str, model_id: str):
-    """Sorted (P,) int64 row keys of an earlier output made by the same model (else empty)."""
-    import numpy as np
-
-    from contracts.vectors import check_files_agree, check_schema, open_dataset
-    from model.embedding import LABEL_COLUMNS, row_keys
-
-    ds = open_dataset(prev)
-    meta = check_schema(ds.schema, "embeddings", prev)
-    check_files_agree(ds, prev)
-    if meta.model != model_id:
-        print(f"embed: --incremental {prev} was made by model {meta.model}, not {model_id}: "
-              "nothing carried", flush=True)
-        return np.empty(0, np.int64)
-    if "content_hash" not in ds.schema.names:
-        print(f"embed: --incremental {prev} has no content_hash column: nothing carried", flush=True)
-        return np.empty(0, np.int64)
-    keys = [row_keys(b) for b in ds.to_batches(columns=[*LABEL_COLUMNS, "content_hash"]) if b.num_rows]
-    return np.sort(np.concatenate(keys)) if keys else np.empty(0, np.int64)
-
-
-def _copy_carried(prev: str, carried, write) -> int:
-    """Stream the previous output and write its rows whose key is in `carried` (sorted int64);
-    write(table) returns the rows it wrote."""
-    import numpy as np
-
-    from contracts.vectors import open_dataset
-    from model.embedding import row_keys
-
-    n = 0
-    if len(carried) == 0:
-        return 0
-    for b in open_dataset(prev).to_batches(batch_size=8192):
-        keys = row_keys(b)
-        pos = np.clip(np.searchsorted(carried, keys), 0, len(carried) - 1)
-        keep = carried[pos] == keys
-        if keep.any():
-            import pyarrow as pa
-
-            n += write(pa.Table.from_batches([b]).filter(pa.array(keep)))  # rows written
-    return n
-
-
-class _PartWriter:
-    """Rows of the output schema -> part-NNNNN.parquet files of <= rows_per_file rows."""
-
-    def __init__(self, directory: str, schema, rows_per_file: int):
-        self.dir, self.schema, self.limit = directory, schema, rows_per_file
-        self.writer, self.parts, self.in_part, self.rows = None, 0, 0, 0
-
-    def write(self, table) -> None:
-        import pyarrow.parquet as pq
-
-        table = table.select(self.schema.names).cast(self.schema)
-        start = 0
-        while start < table.num_rows:
-            if self.writer is None or self.in_part >= self.limit:
-                self.close()
-                self.writer = pq.ParquetWriter(f"{self.dir}/part-{self.parts:05d}.parquet", self.schema)
-                self.parts += 1
-                self.in_part = 0
-            take = min(table.num_rows - start, self.limit - self.in_part)
-            self.writer.write_table(table.slice(start, take))
-            start += take
-            self.in_part += take
-            self.rows += take
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-
-DUPLICATE_REASON = "duplicate image_id: already embedded from an earlier sample (the input holds it twice)"
-
-
-class DuplicateFilter:
-    """Keeps the first row of each image_id across everything the job writes; a later row with
-    the same image_id (two copies of a shard, an overlapping glob) becomes an error row instead.
-    Why not refuse the job: the first copy is a correct embedding and the run may have cost
-    hours; the duplicates are listed in _errors.parquet and counted in _embed.json, and the
-    output keeps the contract (image_id unique) that build_index / query / evaluate check."""
-
-    def __init__(self):
-        self.seen: set[str] = set()
-
-    def __call__(self, table):
-        """table with an image_id column -> (first-seen rows, error rows (image_id, reason))."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        keep = []
-        for image_id in table.column("image_id").to_pylist():
-            keep.append(image_id not in self.seen)
-            self.seen.add(image_id)
-        mask = pa.array(keep, pa.bool_())
-        dups = table.filter(pc.invert(mask)).column("image_id")
-        errors = pa.table({"image_id": dups.cast(pa.string()),
-                           "reason": pa.array([DUPLICATE_REASON] * len(dups), pa.string())})
-        return table.filter(mask), errors
-
-
-def write_errors(out_dir: str, errors: list, rows_written: int):
-    """Write out_dir/_errors.parquet (image_id, reason) and return it; refuse an output with no
-    embedded row at all (every image failed), naming the first reason."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    error_table = (pa.concat_tables(errors) if errors else
-                   pa.table({"image_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}))
-    if rows_written == 0:
-        first = error_table.column("reason")[0].as_py() if error_table.num_rows else "no images"
-        raise ValueError(f"nothing embedded: {error_table.num_rows} error(s), first: {first}")
-    pq.write_table(error_table, f"{out_dir}/_errors.parquet")
-    return error_table
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from contracts.parts import DuplicateFilter, PartWriter, copy_carried, previous_keys, write_errors
     from contracts.storage import atomic_dir
     from contracts.vectors import embeddings_schema
     from model import embedding as E
@@ -218,7 +102,7 @@ def main(argv=None) -> int:
         if manifest.num_rows == 0:
             raise ValueError(f"{args.manifest}: no rows" + (f" of split {args.split}" if args.split else ""))
         what = f"{manifest.num_rows} manifest row(s)"
-    prev_keys = _previous_keys(args.incremental, model_id) if args.incremental else None
+    prev_keys = previous_keys(args.incremental, model_id, lambda m: print(m, flush=True)) if args.incremental else None
 
     init_ray(args.address, args.num_cpus)
     import ray
@@ -270,15 +154,14 @@ def main(argv=None) -> int:
     first_out = None  # when the first batch came back: after Ray start-up and model loading
     span = [float("inf"), float("-inf"), 0.0]  # model calls: first start, last finish, busy seconds
     with atomic_dir(args.out) as tmp:
-        writer = _PartWriter(tmp, schema, args.rows_per_file)
+        writer = PartWriter(tmp, schema, args.rows_per_file)
         first_copy = DuplicateFilter()
 
         def write_once(table):
             table, dups = first_copy(table)
             if dups.num_rows:
                 errors.append(dups)
-            writer.write(table)
-            return table.num_rows
+            return writer.write(table)
 
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -299,7 +182,7 @@ def main(argv=None) -> int:
                           f"{sum(len(k) for k in carried)} unchanged, "
                           f"{sum(e.num_rows for e in errors)} error(s)", flush=True)
             carried_keys = np.unique(np.concatenate(carried)) if carried else np.empty(0, np.int64)
-            n_carried = _copy_carried(args.incremental, carried_keys, write_once) if args.incremental else 0
+            n_carried = copy_carried(args.incremental, carried_keys, write_once) if args.incremental else 0
         finally:
             writer.close()
         error_table = write_errors(tmp, errors, writer.rows)

@@ -97,15 +97,15 @@ def embed_local(manifest, root: str, model_dir: str, previous: str | None, out: 
     from contracts.storage import atomic_dir
     from contracts.vectors import embeddings_schema
     from model import embedding as E
-    from pipelines.embed import _copy_carried, _PartWriter, _previous_keys, write_errors
+    from contracts.parts import PartWriter, copy_carried, previous_keys, write_errors
 
     t0 = time.perf_counter()
     runner = E.ModelRunner(model_dir, device="auto", threads=threads or None, decode_threads=1)
-    prev_keys = _previous_keys(previous, runner.model_id) if previous else None
+    prev_keys = previous_keys(previous, runner.model_id) if previous else None
     schema = embeddings_schema(runner.dim, runner.model_id).append(pa.field("content_hash", pa.string()))
     errors, carried, embedded = [], [], 0
     with atomic_dir(out) as tmp:
-        writer = _PartWriter(tmp, schema, rows_per_file)
+        writer = PartWriter(tmp, schema, rows_per_file)
         try:
             for batch in manifest.to_batches(max_chunksize=batch_size):
                 samples = E.manifest_batch_to_samples(pa.Table.from_batches([batch]), root, prev_keys)
@@ -117,7 +117,7 @@ def embed_local(manifest, root: str, model_dir: str, previous: str | None, out: 
                     errors.append(errs)
                 carried.append(keys)
             keys = np.unique(np.concatenate(carried)) if carried else np.empty(0, np.int64)
-            n_carried = _copy_carried(previous, keys, writer.write) if previous else 0
+            n_carried = copy_carried(previous, keys, writer.write) if previous else 0
         finally:
             writer.close()
         error_table = write_errors(tmp, errors, writer.rows)
