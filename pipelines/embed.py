@@ -66,7 +66,13 @@ def main(argv=None) -> int:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from contracts.parts import DuplicateFilter, PartWriter, copy_carried, previous_keys, write_errors
+    from contracts.parts import (
+        DuplicateFilter,
+        PartWriter,
+        copy_carried,
+        previous_keys,
+        write_errors,
+    )
     from contracts.storage import atomic_dir
     from contracts.vectors import embeddings_schema
     from model import embedding as E

@@ -4,7 +4,7 @@
         --model models/ctl --work outputs/reindex --index-root outputs/indexes --name gallery \\
         --validation outputs/query_emb
 
-Steps (index/reindex.py; every step is logged to WORK/reindex.jsonl with counts and seconds):
+Steps (index/nightly/runner.py; every step is logged to WORK/reindex.jsonl with counts and seconds):
   embed      only images whose id, bytes (sha256), labels or model changed go through the model
              (pipelines/embed.py --incremental on Ray, or in this process with --executor local);
              images no longer in the manifest are dropped; a model change re-embeds everything
@@ -94,10 +94,10 @@ def embed_local(manifest, root: str, model_dir: str, previous: str | None, out: 
     import numpy as np
     import pyarrow as pa
 
+    from contracts.parts import PartWriter, copy_carried, previous_keys, write_errors
     from contracts.storage import atomic_dir
     from contracts.vectors import embeddings_schema
     from model import embedding as E
-    from contracts.parts import PartWriter, copy_carried, previous_keys, write_errors
 
     t0 = time.perf_counter()
     runner = E.ModelRunner(model_dir, device="auto", threads=threads or None, decode_threads=1)
@@ -146,7 +146,7 @@ def embed_with_ray(args, previous: str | None, out: str) -> dict:
     rc = embed.main(argv)
     if rc:
         raise RuntimeError(f"embed step failed with exit status {rc}")
-    from index.nightly.runner import read_json
+    from index.nightly.state import read_json
 
     summary = read_json(os.path.join(out, "_embed.json"))  # size-capped, regular file only
     if summary is None:
@@ -169,8 +169,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import pyarrow.compute as pc
 
-    from index.nightly.runner import ReindexConfig, Reindexer
     from contracts.manifest import read_manifest
+    from index.nightly.runner import ReindexConfig, Reindexer
 
     args.root = args.root or os.path.dirname(os.path.abspath(args.gallery_manifest))
     if "://" not in args.root and not os.path.isdir(args.root):
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         target_recall=args.target_recall, keep=args.keep, shards=args.shards, index_type=args.index_type,
         index_kind=args.index_kind, gate_k=args.gate_k, max_error_fraction=args.max_error_fraction,
         max_shrink=args.max_shrink,
-        kill_after=os.environ.get(KILL_ENV) or None).check()
+        kill_after=os.environ.get(KILL_ENV) or None)
     print(f"reindex: {manifest.num_rows} {args.split} images in {args.gallery_manifest}, model {model_id}, "
           f"index {os.path.join(args.index_root, args.name)}", flush=True)
 
