@@ -10,6 +10,7 @@ its unchanged rows. Arrow and numpy only: no Ray, no model.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 
@@ -24,7 +25,9 @@ from contracts.vectors import check_files_agree, check_schema, open_dataset
 __all__ = [
     "DUPLICATE_REASON",
     "ERRORS_FILE",
+    "SUMMARY_FILE",
     "DuplicateFilter",
+    "EmbedOutput",
     "PartWriter",
     "copy_carried",
     "previous_keys",
@@ -32,6 +35,7 @@ __all__ = [
 ]
 
 ERRORS_FILE = "_errors.parquet"
+SUMMARY_FILE = "_embed.json"
 DUPLICATE_REASON = "duplicate image_id: already embedded from an earlier sample (the input holds it twice)"
 
 
@@ -68,7 +72,7 @@ class PartWriter:
             self.writer.close()
             self.writer = None
 
-    def __enter__(self) -> PartWriter:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -144,3 +148,68 @@ def write_errors(out_dir: str, errors: list[pa.Table], rows_written: int) -> pa.
         raise ValueError(f"nothing embedded: {error_table.num_rows} error(s), first: {first}")
     pq.write_table(error_table, os.path.join(out_dir, ERRORS_FILE))
     return error_table
+
+
+class EmbedOutput:
+    """One embed run's output directory (a temporary one, see contracts.storage.atomic_dir):
+    embedded rows into part files (first copy of each image_id only), error rows, the keys of
+    rows to carry from an earlier output, then `finish` writes the carried rows, _errors.parquet
+    and _embed.json.
+
+    schema: the embeddings contract + content_hash (contracts.vectors.embeddings_schema(...)
+    .append(content_hash)); model_id and dim go into the summary."""
+
+    def __init__(self, directory: str, schema: pa.Schema, rows_per_file: int, model_id: str, dim: int):
+        self.dir, self.model_id, self.dim = directory, model_id, dim
+        self.writer = PartWriter(directory, schema, rows_per_file)
+        self.first_copy = DuplicateFilter()
+        self.errors: list[pa.Table] = []
+        self.carried: list[np.ndarray] = []
+        self.embedded = 0
+
+    def write_rows(self, table: pa.Table) -> int:
+        """Write the rows whose image_id was not written before (the others become error rows);
+        returns the rows written."""
+        table, dups = self.first_copy(table)
+        if dups.num_rows:
+            self.errors.append(dups)
+        return self.writer.write(table)
+
+    def add(self, good: pa.Table, errors: pa.Table, carried_keys: np.ndarray) -> None:
+        """One batch as model.embedding.split_embedded returns it: (embedded rows, error rows
+        (image_id, reason), (C,) int64 keys of the rows to carry)."""
+        if good.num_rows:
+            self.embedded += self.write_rows(good)
+        if errors.num_rows:
+            self.errors.append(errors)
+        if len(carried_keys):
+            self.carried.append(carried_keys)
+
+    @property
+    def n_errors(self) -> int:
+        return sum(e.num_rows for e in self.errors)
+
+    @property
+    def n_unchanged(self) -> int:
+        """Rows marked to carry so far (not yet copied)."""
+        return sum(len(k) for k in self.carried)
+
+    def finish(self, previous: str | None, **extra) -> tuple[dict, pa.Table]:
+        """Copy the carried rows of `previous`, close the part files, write _errors.parquet and
+        _embed.json (counts, model, dim, plus `extra`). Returns (summary, error table); raises
+        ValueError when nothing at all was embedded or carried."""
+        try:
+            keys = np.unique(np.concatenate(self.carried)) if self.carried else np.empty(0, np.int64)
+            n_carried = copy_carried(previous, keys, self.write_rows) if previous else 0
+        finally:
+            self.writer.close()
+        error_table = write_errors(self.dir, self.errors, self.writer.rows)
+        summary = {"model": self.model_id, "dim": self.dim, "embedded": self.embedded, "carried": n_carried,
+                   "errors": error_table.num_rows, "rows": self.writer.rows, "files": self.writer.parts,
+                   **extra}
+        with open(os.path.join(self.dir, SUMMARY_FILE), "w") as f:
+            json.dump(summary, f, indent=2)
+        return summary, error_table
+
+    def close(self) -> None:
+        self.writer.close()

@@ -396,3 +396,84 @@ def split_embedded(table: pa.Table) -> tuple[pa.Table, pa.Table, np.ndarray]:
     errors = table.filter(err).select(["image_id", "error"]).rename_columns(["image_id", "reason"])
     carried = table.filter(carry)
     return good, errors, row_keys(carried) if carried.num_rows else np.empty(0, np.int64)
+
+
+# ---- what the embed job needs besides Ray (plain functions, fast to test) ----------------------
+
+@dataclass
+class EmbedInputs:
+    """What an embed run reads: shard urls (shards mode) or manifest rows (manifest mode)."""
+
+    urls: list[str] | None
+    manifest: pa.Table | None
+    what: str  # for the progress line, e.g. "3 shard(s)"
+
+
+def embed_inputs(shards: str | None = None, manifest: str | None = None, root: str | None = None,
+                 split: str | None = None) -> EmbedInputs:
+    """Resolve the job's input: a shards glob/folder, or a manifest + its dataset root, keeping
+    rows of `split` (None: all). Raises FileNotFoundError / ValueError with a one-line reason
+    (no shard matches, --root not a directory, no manifest row of that split)."""
+    if (shards is None) == (manifest is None):
+        raise ValueError("give exactly one of --shards and --manifest")
+    if shards is not None:
+        from model.shards import list_shards
+
+        urls = list_shards(shards, split=split)
+        if not urls:
+            raise FileNotFoundError(f"no shards match {shards}" + (f" for split {split}" if split else ""))
+        return EmbedInputs(urls, None, f"{len(urls)} shard(s)")
+    import pyarrow.compute as pc
+
+    from contracts.manifest import read_manifest
+
+    if not root:
+        raise ValueError("--manifest needs --root (the folder the manifest paths are relative to)")
+    if "://" not in root and not os.path.isdir(root):
+        raise FileNotFoundError(f"--root is not a directory: {root}")
+    table = read_manifest(manifest)
+    if split:
+        table = table.filter(pc.equal(table.column("split"), split))
+    if table.num_rows == 0:
+        raise ValueError(f"{manifest}: no rows" + (f" of split {split}" if split else ""))
+    return EmbedInputs(None, table, f"{table.num_rows} manifest row(s)")
+
+
+class EmbedClock:
+    """Times one embed run from embedded tables: when the first batch came back (Ray start-up
+    and model loading), and the span and busy time of the model calls, for the steady rate
+    (embedded images over first model call's start .. last one's end)."""
+
+    def __init__(self, clock: Callable[[], float] | None = None):
+        import time
+
+        self.clock = clock or time.perf_counter
+        self.t0 = self.last = self.clock()
+        self.first_out: float | None = None
+        self.span = [float("inf"), float("-inf"), 0.0]  # first start, last finish, busy seconds
+
+    def batch(self, table: pa.Table) -> bool:
+        """Record one embedded table; True when a progress line is due (every 10 s)."""
+        import pyarrow.compute as pc
+
+        s0, s1, busy = model_time_span(table.filter(pc.invert(table.column("carry"))))
+        self.span = [min(self.span[0], s0), max(self.span[1], s1), self.span[2] + busy]
+        now = self.clock()
+        if self.first_out is None:
+            self.first_out = now
+        if now - self.last > 10:
+            self.last = now
+            return True
+        return False
+
+    def seconds(self) -> float:
+        return self.clock() - self.t0
+
+    def summary(self, embedded: int) -> dict:
+        """The timing fields of _embed.json."""
+        s0, s1, busy = self.span
+        steady = embedded / (s1 - s0) if embedded and s1 > s0 else None
+        return {"seconds": round(self.seconds(), 3),
+                "first_batch_seconds": round(self.first_out - self.t0, 3) if self.first_out else None,
+                "steady_images_per_second": round(steady, 2) if steady else None,
+                "model_busy_fraction": round(busy / (s1 - s0), 3) if steady else None}

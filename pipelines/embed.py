@@ -20,8 +20,6 @@ model are unchanged; only new or changed images go through the model.
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
-import json
-import time
 
 from pipelines._cli import add_ray_arguments, init_ray, run_main
 
@@ -60,90 +58,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from contracts.parts import (
-        DuplicateFilter,
-        PartWriter,
-        copy_carried,
-        previous_keys,
-        write_errors,
-    )
-    from contracts.storage import atomic_dir
-    from contracts.vectors import embeddings_schema
-    from model import embedding as E
-    from model.checkpoint import load_model
-
-    if args.manifest and not args.root:
-        raise ValueError("--manifest needs --root (the folder the manifest paths are relative to)")
-    for name in ("batch_size", "rows_per_file", "decode_threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    _net, cfg, model_id = load_model(args.model)  # validates the model before any work
-    del _net
-    dim = int(cfg.embedding_dim)
-    schema = embeddings_schema(dim, model_id).append(pa.field("content_hash", pa.string()))
-
-    if args.shards:
-        from model.shards import list_shards
-
-        urls = list_shards(args.shards, split=args.split)
-        if not urls:
-            raise FileNotFoundError(f"no shards match {args.shards}" + (f" for split {args.split}" if args.split else ""))
-        what = f"{len(urls)} shard(s)"
-    else:
-        import os
-
-        from contracts.manifest import read_manifest
-
-        if "://" not in args.root and not os.path.isdir(args.root):
-            raise FileNotFoundError(f"--root is not a directory: {args.root}")
-        manifest = read_manifest(args.manifest)
-        if args.split:
-            manifest = manifest.filter(pc.equal(manifest.column("split"), args.split))
-        if manifest.num_rows == 0:
-            raise ValueError(f"{args.manifest}: no rows" + (f" of split {args.split}" if args.split else ""))
-        what = f"{manifest.num_rows} manifest row(s)"
-    prev_keys = previous_keys(args.incremental, model_id, lambda m: print(m, flush=True)) if args.incremental else None
-
-    init_ray(args.address, args.num_cpus)
-    import ray
-    import ray.data
-
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
-    use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
+def plan_actors(resources: dict, device: str, actors: int, threads: int) -> tuple[bool, int, int, dict]:
+    """(use GPU, actors, torch threads per actor, Ray resources per actor) for a cluster's
+    resources and the --device / --actors / --threads options."""
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
     if use_gpu and gpus == 0:
         raise RuntimeError("--device cuda but the Ray cluster has no GPU")
-    actors = args.actors or (gpus if use_gpu else max(1, cpus // 4))
-    threads = args.threads or max(1, cpus // actors)
+    actors = actors or (gpus if use_gpu else max(1, cpus // 4))
+    threads = threads or max(1, cpus // actors)
     if use_gpu:
-        actor_res = {"num_gpus": 1, "num_cpus": 1}
-    else:  # leave a CPU to the reading tasks so a small cluster never deadlocks (fractions are fine)
-        actor_res = {"num_cpus": max(0.25, min(threads, (cpus - 1) / actors))}
-    print(f"embed: model {model_id} (dim {dim}), {what}, {actors} {'GPU' if use_gpu else 'CPU'} actor(s), "
-          f"{threads} thread(s), batch {args.batch_size}"
-          + (f", {len(prev_keys)} previous rows to compare" if prev_keys is not None else ""), flush=True)
+        return True, actors, threads, {"num_gpus": 1, "num_cpus": 1}
+    # leave a CPU to the reading tasks so a small cluster never deadlocks (fractions are fine)
+    return False, actors, threads, {"num_cpus": max(0.25, min(threads, (cpus - 1) / actors))}
+
+
+def build_dataset(args, inputs, prev_keys, use_gpu: bool, actors: int, threads: int, actor_res: dict):
+    """The Ray Data pipeline: reading tasks -> model actor pool -> embedded tables."""
+    import ray.data
+
+    from model import embedding as E
 
     # Reading runs in its own tasks, overlapped with the model: remote args that differ from the
     # actors' (a retry count for flaky storage) keep Ray from fusing this stage into the model
     # actors, where it would run in series with the forward pass.
     read_args = {"num_cpus": 1, "max_retries": 3}
-    if args.shards:
-        ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
+    if inputs.urls is not None:
+        ds = ray.data.from_items([{"url": u} for u in inputs.urls], override_num_blocks=len(inputs.urls))
         ds = ds.map_batches(E.shard_batch_to_samples, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"split": args.split, "previous_keys": prev_keys,
                                        "chunk": max(args.batch_size, 64)}, **read_args)
     else:
-        blocks = max(1, min(manifest.num_rows // 256, 10_000))
-        ds = ray.data.from_arrow(manifest).repartition(blocks)
+        blocks = max(1, min(inputs.manifest.num_rows // 256, 10_000))
+        ds = ray.data.from_arrow(inputs.manifest).repartition(blocks)
         ds = ds.map_batches(E.manifest_batch_to_samples, batch_size=256, batch_format="pyarrow",
                             fn_kwargs={"root": args.root, "previous_keys": prev_keys}, **read_args)
-    ds = ds.map_batches(
+    return ds.map_batches(
         E.EmbedBatch, batch_size=args.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model_dir": args.model, "device": "cuda" if use_gpu else "cpu",
@@ -152,63 +102,63 @@ def main(argv=None) -> int:
                                "freeze": not args.no_freeze},
         **actor_res)
 
-    t0 = time.perf_counter()
-    errors: list = []
-    carried: list = []
-    embedded = 0
-    last = t0
-    first_out = None  # when the first batch came back: after Ray start-up and model loading
-    span = [float("inf"), float("-inf"), 0.0]  # model calls: first start, last finish, busy seconds
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import pyarrow as pa
+
+    from contracts.parts import EmbedOutput, previous_keys
+    from contracts.storage import atomic_dir
+    from contracts.vectors import embeddings_schema
+    from model import embedding as E
+    from model.checkpoint import load_model
+
+    for name in ("batch_size", "rows_per_file", "decode_threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.manifest and not args.root:
+        raise ValueError("--manifest needs --root (the folder the manifest paths are relative to)")
+    _net, cfg, model_id = load_model(args.model)  # validates the model before any work
+    del _net
+    dim = int(cfg.embedding_dim)
+    inputs = E.embed_inputs(args.shards, args.manifest, args.root, args.split)
+    prev_keys = previous_keys(args.incremental, model_id, say) if args.incremental else None
+
+    init_ray(args.address, args.num_cpus)
+    import ray
+
+    use_gpu, actors, threads, actor_res = plan_actors(ray.cluster_resources(), args.device,
+                                                      args.actors, args.threads)
+    say(f"embed: model {model_id} (dim {dim}), {inputs.what}, {actors} {'GPU' if use_gpu else 'CPU'} actor(s), "
+        f"{threads} thread(s), batch {args.batch_size}"
+        + (f", {len(prev_keys)} previous rows to compare" if prev_keys is not None else ""))
+    ds = build_dataset(args, inputs, prev_keys, use_gpu, actors, threads, actor_res)
+
+    clock = E.EmbedClock()
+    schema = embeddings_schema(dim, model_id).append(pa.field("content_hash", pa.string()))
     with atomic_dir(args.out) as tmp:
-        writer = PartWriter(tmp, schema, args.rows_per_file)
-        first_copy = DuplicateFilter()
-
-        def write_once(table):
-            table, dups = first_copy(table)
-            if dups.num_rows:
-                errors.append(dups)
-            return writer.write(table)
-
+        out = EmbedOutput(tmp, schema, args.rows_per_file, model_id, dim)
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                good, errs, keys = E.split_embedded(batch)
-                s0, s1, busy = E.model_time_span(batch.filter(pc.invert(batch.column("carry"))))
-                span = [min(span[0], s0), max(span[1], s1), span[2] + busy]
-                if first_out is None:
-                    first_out = time.perf_counter()
-                if good.num_rows:
-                    embedded += write_once(good)
-                if errs.num_rows:
-                    errors.append(errs)
-                carried.append(keys)
-                now = time.perf_counter()
-                if now - last > 10:
-                    last = now
-                    print(f"embed: {embedded} embedded ({embedded / (now - t0):.1f} img/s), "
-                          f"{sum(len(k) for k in carried)} unchanged, "
-                          f"{sum(e.num_rows for e in errors)} error(s)", flush=True)
-            carried_keys = np.unique(np.concatenate(carried)) if carried else np.empty(0, np.int64)
-            n_carried = copy_carried(args.incremental, carried_keys, write_once) if args.incremental else 0
-        finally:
-            writer.close()
-        error_table = write_errors(tmp, errors, writer.rows)
-        seconds = time.perf_counter() - t0
-        # steady rate: embedded images over the span from the first model call's start to the last
-        # one's end (model loading and Ray start-up excluded, reading stalls included)
-        steady = embedded / (span[1] - span[0]) if embedded and span[1] > span[0] else None
-        summary = {"model": model_id, "dim": dim, "embedded": embedded, "carried": n_carried,
-                   "errors": error_table.num_rows, "rows": writer.rows, "files": writer.parts,
-                   "seconds": round(seconds, 3),
-                   "first_batch_seconds": round(first_out - t0, 3) if first_out else None,
-                   "steady_images_per_second": round(steady, 2) if steady else None,
-                   "model_busy_fraction": round(span[2] / (span[1] - span[0]), 3) if steady else None}
-        with open(f"{tmp}/_embed.json", "w") as f:
-            json.dump(summary, f, indent=2)
-    print(f"embed: {embedded} embedded, {n_carried} carried over unchanged, {error_table.num_rows} error(s) "
-          f"in {seconds:.1f}s ({embedded / max(seconds, 1e-9):.1f} img/s) -> {args.out}", flush=True)
+                out.add(*E.split_embedded(batch))
+                if clock.batch(batch):
+                    say(f"embed: {out.embedded} embedded ({out.embedded / clock.seconds():.1f} img/s), "
+                        f"{out.n_unchanged} unchanged, {out.n_errors} error(s)")
+        except BaseException:
+            out.close()  # atomic_dir removes the temporary output
+            raise
+        summary, error_table = out.finish(args.incremental, **clock.summary(out.embedded))
+    seconds = summary["seconds"]
+    say(f"embed: {summary['embedded']} embedded, {summary['carried']} carried over unchanged, "
+        f"{summary['errors']} error(s) in {seconds:.1f}s "
+        f"({summary['embedded'] / max(seconds, 1e-9):.1f} img/s) -> {args.out}")
     for image_id, reason in list(zip(error_table.column("image_id").to_pylist(),
                                      error_table.column("reason").to_pylist()))[:5]:
-        print(f"embed: skipped {image_id}: {reason}", flush=True)
+        say(f"embed: skipped {image_id}: {reason}")
     return 0
 
 

@@ -24,7 +24,6 @@ any point can simply be run again.
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
-import json
 import os
 
 from pipelines._cli import add_ray_arguments, init_ray, run_main
@@ -88,44 +87,29 @@ def embed_local(manifest, root: str, model_dir: str, previous: str | None, out: 
                 batch_size: int = 64, threads: int | None = None, rows_per_file: int = 200_000) -> dict:
     """Embed a manifest table in this process, in pipelines/embed.py's output layout (part files
     + content_hash, _errors.parquet, _embed.json), carrying over unchanged rows of `previous`
-    (same key and model) with embed's own functions. Returns the _embed.json summary."""
-    import time
-
-    import numpy as np
+    (same key and model) through contracts.parts.EmbedOutput, as the embed job does. Returns the
+    _embed.json summary."""
     import pyarrow as pa
 
-    from contracts.parts import PartWriter, copy_carried, previous_keys, write_errors
+    from contracts.parts import EmbedOutput, previous_keys
     from contracts.storage import atomic_dir
     from contracts.vectors import embeddings_schema
     from model import embedding as E
 
-    t0 = time.perf_counter()
+    clock = E.EmbedClock()
     runner = E.ModelRunner(model_dir, device="auto", threads=threads or None, decode_threads=1)
     prev_keys = previous_keys(previous, runner.model_id) if previous else None
     schema = embeddings_schema(runner.dim, runner.model_id).append(pa.field("content_hash", pa.string()))
-    errors, carried, embedded = [], [], 0
     with atomic_dir(out) as tmp:
-        writer = PartWriter(tmp, schema, rows_per_file)
+        output = EmbedOutput(tmp, schema, rows_per_file, runner.model_id, runner.dim)
         try:
             for batch in manifest.to_batches(max_chunksize=batch_size):
                 samples = E.manifest_batch_to_samples(pa.Table.from_batches([batch]), root, prev_keys)
-                good, errs, keys = E.split_embedded(E.embed_sample_table(runner, samples))
-                if good.num_rows:
-                    writer.write(good)
-                    embedded += good.num_rows
-                if errs.num_rows:
-                    errors.append(errs)
-                carried.append(keys)
-            keys = np.unique(np.concatenate(carried)) if carried else np.empty(0, np.int64)
-            n_carried = copy_carried(previous, keys, writer.write) if previous else 0
-        finally:
-            writer.close()
-        error_table = write_errors(tmp, errors, writer.rows)
-        summary = {"model": runner.model_id, "dim": runner.dim, "embedded": embedded, "carried": n_carried,
-                   "errors": error_table.num_rows, "rows": writer.rows, "files": writer.parts,
-                   "seconds": round(time.perf_counter() - t0, 3)}
-        with open(f"{tmp}/_embed.json", "w") as f:
-            json.dump(summary, f, indent=2)
+                output.add(*E.split_embedded(E.embed_sample_table(runner, samples)))
+        except BaseException:
+            output.close()
+            raise
+        summary, _ = output.finish(previous, seconds=round(clock.seconds(), 3))
     return summary
 
 

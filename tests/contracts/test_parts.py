@@ -67,3 +67,40 @@ def test_write_errors_writes_the_file_and_refuses_an_empty_output(tmp_path):
     assert pq.read_table(tmp_path / ERRORS_FILE).equals(t) and t.num_rows == 1
     with pytest.raises(ValueError, match="nothing embedded: 1 error.*undecodable image"):
         write_errors(str(tmp_path / "none"), errs, rows_written=0)
+
+
+def test_embed_output_writes_rows_errors_carried_and_summary(tmp_path):
+    import json
+
+    from contracts.parts import DUPLICATE_REASON, SUMMARY_FILE, EmbedOutput
+
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    old = _emb(4)
+    with PartWriter(str(prev), _schema(), 100) as w:
+        w.write(old)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = EmbedOutput(str(out_dir), _schema(), 3, "m1", DIM)
+    new = _emb(3, seed=1, start=10)
+    bad = pa.table({"image_id": ["broken.jpg"], "reason": ["undecodable image"]})
+    out.add(new, bad, np.sort(row_keys(old.take([0, 2]))))
+    out.add(new.slice(0, 1), bad.slice(0, 0), np.empty(0, np.int64))  # the same image again
+    assert (out.embedded, out.n_errors, out.n_unchanged) == (3, 2, 2)
+    summary, errors = out.finish(str(prev), seconds=1.5)
+    assert summary == {"model": "m1", "dim": DIM, "embedded": 3, "carried": 2, "errors": 2, "rows": 5,
+                       "files": 2, "seconds": 1.5}
+    assert json.loads((out_dir / SUMMARY_FILE).read_text()) == summary
+    assert errors.column("image_id").to_pylist() == ["broken.jpg", "img010"]
+    assert errors.column("reason").to_pylist()[1] == DUPLICATE_REASON
+    got = read_vectors(str(out_dir), kind="embeddings")
+    assert sorted(got.image_ids.tolist()) == ["img000", "img002", "img010", "img011", "img012"]
+
+
+def test_embed_output_with_nothing_embedded_is_refused(tmp_path):
+    from contracts.parts import EmbedOutput
+
+    out = EmbedOutput(str(tmp_path), _schema(), 3, "m1", DIM)
+    out.add(_emb(0), pa.table({"image_id": ["a"], "reason": ["unreadable file"]}), np.empty(0, np.int64))
+    with pytest.raises(ValueError, match="nothing embedded: 1 error"):
+        out.finish(None)

@@ -1,4 +1,4 @@
-"""pipelines/reindex.py and index/reindex.py: the nightly job on a tiny synthetic dataset and an
+"""pipelines/reindex.py and index/nightly/: the nightly job on a tiny synthetic dataset and an
 untrained resnet18 at 32x16 (embedding in-process, --executor local), plus one slow test that
 submits the job three times to a private local Ray head through `ray job submit`.
 
