@@ -23,6 +23,26 @@ import pyarrow.parquet as pq
 
 from contracts.storage import atomic_path
 
+__all__ = [
+    "COLUMNS",
+    "DISTRACTOR_ITEM",
+    "JUNK_ITEM",
+    "MANIFEST_SCHEMA",
+    "REJECTED_SCHEMA",
+    "SPLITS",
+    "ManifestError",
+    "items_of",
+    "make_manifest_table",
+    "make_rejected_table",
+    "manifest_to_bytes",
+    "read_manifest",
+    "row_dicts",
+    "row_problem",
+    "split_counts",
+    "validate_manifest",
+    "write_manifest",
+]
+
 SPLITS = ("train", "query", "gallery")
 COLUMNS = ("image_id", "item_id", "camera_id", "split", "path")
 JUNK_ITEM = "-1"

@@ -14,6 +14,15 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
+__all__ = [
+    "atomic_dir",
+    "atomic_path",
+    "replace_dir",
+    "resolve",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
+
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """'s3://b/k', 'gs://...', 'file:///x' or a plain local path -> (filesystem, path in it)."""
