@@ -34,7 +34,7 @@ _HOMES = {
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 SUBMODULES = tuple(_HOMES)
 
-__all__ = [  # the same names as _HOMES (tests/contracts/test_api.py checks)
+__all__ = [  # the names of _HOMES (tests/contracts/test_api.py checks)
     "KEY_COLUMNS",
     "MANIFEST_SCHEMA",
     "SPLITS",

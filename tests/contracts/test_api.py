@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_declared_name_resolves_to_its_submodule():
-    assert contracts.__all__ == sorted(contracts._WHERE)
+    assert sorted(contracts.__all__) == sorted(contracts._WHERE) and len(set(contracts.__all__)) == len(contracts.__all__)
     for name in contracts.__all__:
         value = getattr(contracts, name)
         module = __import__(f"contracts.{contracts._WHERE[name]}", fromlist=[name])
