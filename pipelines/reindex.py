@@ -39,6 +39,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dataclasses import fields
+
+    from index.nightly.runner import INDEX_KINDS, ReindexConfig
+
+    d = {f.name: f.default for f in fields(ReindexConfig)}  # the defaults live in the config
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gallery-manifest", required=True,
                    help="manifest Parquet of the gallery (rows of --split are used)")
@@ -55,25 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--published-validation", default=None,
                    help="query embeddings made with the published version's model, for the gate "
                         "after a model change (default: its recorded validation mAP)")
-    p.add_argument("--max-drop", type=float, default=0.01,
-                   help="largest allowed validation mAP drop vs the published version (default 0.01)")
-    p.add_argument("--target-recall", type=float, default=0.95,
-                   help="recall@10 the new index must reach vs exact search (default 0.95)")
-    p.add_argument("--keep", type=int, default=3, help="index versions to keep (default 3)")
-    p.add_argument("--shards", type=int, default=None,
+    p.add_argument("--max-drop", type=float, default=d["max_drop"],
+                   help="largest allowed validation mAP drop vs the published version (default %(default)s)")
+    p.add_argument("--target-recall", type=float, default=d["target_recall"],
+                   help="recall@10 the new index must reach vs exact search (default %(default)s)")
+    p.add_argument("--keep", type=int, default=d["keep"], help="index versions to keep (default %(default)s)")
+    p.add_argument("--shards", type=int, default=d["shards"],
                    help="index shards (default: as the published version, 1 if none)")
-    p.add_argument("--index-type", default="auto",
-                   help="auto, flat, hnsw, ivf, ivfpq or a FAISS factory string (default auto)")
-    p.add_argument("--index-kind", default=None, choices=["centroids", "embeddings"],
+    p.add_argument("--index-type", default=d["index_type"],
+                   help="auto, flat, hnsw, ivf, ivfpq or a FAISS factory string (default %(default)s)")
+    p.add_argument("--index-kind", default=d["index_kind"], choices=list(INDEX_KINDS),
                    help="index one centroid per item or every image embedding (default: as the "
                         "published version, centroids if none)")
-    p.add_argument("--max-error-fraction", type=float, default=0.05,
+    p.add_argument("--max-error-fraction", type=float, default=d["max_error_fraction"],
                    help="refuse the run when more than this fraction of the gallery images cannot be "
-                        "read or decoded (default 0.05)")
-    p.add_argument("--gate-k", type=int, default=100, help="ranked list length for the gate's mAP@k (default 100)")
-    p.add_argument("--max-shrink", type=float, default=0.1,
+                        "read or decoded (default %(default)s)")
+    p.add_argument("--gate-k", type=int, default=d["gate_k"],
+                   help="ranked list length for the gate's mAP@k (default %(default)s)")
+    p.add_argument("--max-shrink", type=float, default=d["max_shrink"],
                    help="refuse a version with more than this fraction fewer vectors than the published "
-                        "one (default 0.1; 1.0 allows any shrink)")
+                        "one (default %(default)s; 1.0 allows any shrink)")
     p.add_argument("--executor", default="ray", choices=["ray", "local"],
                    help="ray: embed with Ray Data (pipelines/embed.py); local: embed in this process "
                         "(small galleries, tests)")

@@ -475,3 +475,17 @@ def test_three_nights_as_ray_jobs_on_a_local_head(world, tmp_path):
     items = set(third.column("item_id").to_pylist())
     with open_index(home.path, verify=True) as idx:
         assert len(idx) == len(items) and set(idx._labels.column("item_id").to_pylist()) == items
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from dataclasses import MISSING, fields
+
+    from index.nightly.runner import ReindexConfig
+    from pipelines.reindex import build_parser
+
+    args = vars(build_parser().parse_args(["--gallery-manifest", "m", "--model", "x", "--work", "w",
+                                            "--index-root", "r", "--name", "n", "--validation", "v"]))
+    shared = [f for f in fields(ReindexConfig)
+              if f.name in args and f.name != "batch_size" and f.default is not MISSING]
+    assert len(shared) >= 9
+    assert {f.name: args[f.name] for f in shared} == {f.name: f.default for f in shared}
