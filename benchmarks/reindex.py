@@ -4,7 +4,7 @@
 
 Synthetic embeddings outputs (the embed layout: embeddings contract + content_hash) for two
 nights that differ in `changed` of their rows (half added, half removed); prints seconds for
-index.nightly.runner.diff_embeddings + update_centroids and for compute_centroids, and checks that
+index.centroids.aggregate.incremental.diff_embeddings + update_centroids and for compute_centroids, and checks that
 both give the same centroids.
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--changed", type=float, default=0.01, help="fraction of rows added + removed")
     args = p.parse_args()
     from contracts.vectors import l2_normalize, read_vectors
-    from index.nightly import runner as R
+    from index.centroids.aggregate import incremental
 
     rng = np.random.default_rng(0)
     n, k = args.rows, int(args.rows * args.changed / 2)
@@ -50,20 +50,20 @@ def main() -> None:
         new_rows = np.arange(k, total)  # k removed at the start, k added at the end
         write_night(f"{d}/old", ids[old_rows], items[old_rows], cams[old_rows], vecs[old_rows])
         write_night(f"{d}/new", ids[new_rows], items[new_rows], cams[new_rows], vecs[new_rows])
-        R.compute_centroids(f"{d}/old", f"{d}/c_old")
+        incremental.compute_centroids(f"{d}/old", f"{d}/c_old")
 
         t = time.perf_counter()
-        delta = R.diff_embeddings(f"{d}/old", f"{d}/new")
+        delta = incremental.diff_embeddings(f"{d}/old", f"{d}/new")
         t_diff = time.perf_counter() - t
         t = time.perf_counter()
-        inc = R.update_centroids(f"{d}/c_old", delta, f"{d}/c_inc", "bench", args.dim)
+        inc = incremental.update_centroids(f"{d}/c_old", delta, f"{d}/c_inc", "bench", args.dim)
         t_update = time.perf_counter() - t
         t = time.perf_counter()
-        full = R.compute_centroids(f"{d}/new", f"{d}/c_full")
+        full = incremental.compute_centroids(f"{d}/new", f"{d}/c_full")
         t_full = time.perf_counter() - t
 
-        a = read_vectors(f"{d}/c_inc/{R.CENTROIDS_FILE}", kind="centroids")
-        b = read_vectors(f"{d}/c_full/{R.CENTROIDS_FILE}", kind="centroids")
+        a = read_vectors(f"{d}/c_inc/{incremental.CENTROIDS_FILE}", kind="centroids")
+        b = read_vectors(f"{d}/c_full/{incremental.CENTROIDS_FILE}", kind="centroids")
         oa, ob = np.argsort(a.item_ids.astype(str)), np.argsort(b.item_ids.astype(str))
         err = float(np.abs(a.vectors[oa] - b.vectors[ob]).max())
     print(f"rows {n}, dim {args.dim}, items {args.items}, +{delta.n_added} -{delta.n_removed} rows, "

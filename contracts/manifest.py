@@ -13,15 +13,35 @@ always kept sorted by image_id so that the same input gives a byte-identical fil
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from contracts.storage import atomic_path
+
+__all__ = [
+    "COLUMNS",
+    "DISTRACTOR_ITEM",
+    "JUNK_ITEM",
+    "MANIFEST_SCHEMA",
+    "REJECTED_SCHEMA",
+    "SPLITS",
+    "ManifestError",
+    "items_of",
+    "make_manifest_table",
+    "make_rejected_table",
+    "manifest_to_bytes",
+    "read_manifest",
+    "row_dicts",
+    "row_problem",
+    "split_counts",
+    "validate_manifest",
+    "write_manifest",
+]
 
 SPLITS = ("train", "query", "gallery")
 COLUMNS = ("image_id", "item_id", "camera_id", "split", "path")
@@ -140,26 +160,15 @@ def validate_manifest(table: pa.Table, source: str = "manifest") -> pa.Table:
 
 
 def write_manifest(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write a (validated) manifest to Parquet at `path`.
+    """Write a (validated) manifest to Parquet at `path` (local or a pyarrow URI).
 
     Deterministic: same rows -> same bytes (sorted by image_id, no timestamps in the file).
-    A local path is written to a temporary name beside it and renamed into place, so a reader
-    never sees a half-written manifest; a URI (s3://...) is written directly.
+    Written to a temporary name beside it and renamed into place (contracts.storage.atomic_path),
+    so a reader never sees a half-written manifest.
     """
     table = validate_manifest(table)
-    path = os.fspath(path)
-    if "://" in path:
-        pq.write_table(table, path, compression="zstd")
-        return
-    parent, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(parent, f".tmp-{base}-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_path(os.fspath(path)) as (fs, tmp):
+        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
 
 
 def read_manifest(path: str | os.PathLike) -> pa.Table:

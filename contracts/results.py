@@ -26,6 +26,20 @@ import pyarrow.parquet as pq
 from contracts.storage import atomic_dir
 from contracts.vectors import open_dataset
 
+__all__ = [
+    "RESULTS_META_KEY",
+    "RESULTS_SCHEMA",
+    "RankedLists",
+    "ResultsFileError",
+    "ResultsWriter",
+    "check_results_schema",
+    "make_results_table",
+    "read_ranked_lists",
+    "read_results",
+    "results_metadata",
+    "write_results",
+]
+
 RESULTS_META_KEY = b"centroid_retrieval_results"
 
 RESULTS_SCHEMA = pa.schema(

@@ -118,10 +118,13 @@ def atomic_dir(path: str) -> Iterator[str]:
 
 
 def replace_dir(src: str, target: str) -> None:
-    """Rename directory `src` onto `target`, moving an existing target aside first."""
+    """Rename directory `src` onto `target`, moving an existing target aside first (to
+    `.old-<name>-<random>`: not a `.tmp-` name, so nothing that sweeps temporary outputs ever
+    deletes the previous output while it is aside)."""
     old = None
     if os.path.lexists(target):
-        old = _tmp_name(target) + ".old"
+        parent, base = os.path.split(target.rstrip("/"))
+        old = os.path.join(parent, f".old-{base}-{uuid.uuid4().hex[:8]}")
         os.rename(target, old)
     try:
         os.rename(src, target)

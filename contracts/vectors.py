@@ -18,6 +18,39 @@ import pyarrow.parquet as pq
 
 from contracts.storage import atomic_path, resolve
 
+__all__ = [
+    "META_KEY",
+    "NORM_TOLERANCE",
+    "REQUIRED",
+    "STREAM_BUFFER",
+    "UNKNOWN_CAMERA",
+    "VectorFileError",
+    "VectorMeta",
+    "VectorTable",
+    "arrow_to_embeddings",
+    "camera_array",
+    "centroids_schema",
+    "check_files_agree",
+    "check_schema",
+    "check_unique_file",
+    "check_unique_ids",
+    "check_vectors",
+    "detect_kind",
+    "embedding_type",
+    "embeddings_schema",
+    "embeddings_to_arrow",
+    "id_column",
+    "iter_vector_batches",
+    "l2_normalize",
+    "make_centroids_table",
+    "make_embeddings_table",
+    "open_dataset",
+    "read_metadata",
+    "read_vectors",
+    "vector_metadata",
+    "write_table_atomic",
+]
+
 META_KEY = b"centroid_retrieval"
 NORM_TOLERANCE = 1e-3
 

@@ -18,10 +18,10 @@ import contextlib
 import hashlib
 import io
 import os
-import shutil
 import uuid
 from dataclasses import dataclass, field
 
+from contracts.storage import replace_dir
 from model.config import ModelConfig
 from model.net import ReIDNet, build_model
 
@@ -120,7 +120,7 @@ def save_model(net, cfg: ModelConfig, directory: str, extra_files: dict | None =
         if "://" in str(directory):
             _publish_remote(fs, tmp, target, list(files))
         else:
-            _replace_local_dir(tmp, target)
+            replace_dir(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             fs.delete_dir(tmp)
@@ -154,22 +154,6 @@ def _publish_remote(fs, src: str, target: str, names: list[str]) -> None:
         raise
     with contextlib.suppress(OSError):
         fs.delete_dir(old_dir)
-
-
-def _replace_local_dir(src: str, target: str) -> None:
-    """Rename `src` onto `target`; an existing target is moved aside first, then removed."""
-    old = None
-    if os.path.lexists(target):
-        old = f"{target}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-    try:
-        os.rename(src, target)
-    except BaseException:
-        if old:  # put the previous model back: the model directory never goes missing
-            os.rename(old, target)
-        raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_model(directory: str, device: str = "cpu") -> tuple[ReIDNet, ModelConfig, str]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from contracts.keys import row_keys
+
 SAMPLE_COLUMNS = ("image_id", "item_id", "camera_id", "split", "image", "content_hash", "read_error",
                   "carry")
 LABEL_COLUMNS = ("image_id", "item_id", "camera_id", "split")
@@ -33,22 +35,6 @@ LABEL_COLUMNS = ("image_id", "item_id", "camera_id", "split")
 def content_hash(data: bytes) -> str:
     """sha256 hex digest of the encoded image bytes (what decides 'changed' incrementally)."""
     return hashlib.sha256(data).hexdigest()
-
-
-def row_key(image_id: str, chash: str, item_id: str, camera_id, split) -> int:
-    """64-bit key of everything an embeddings row depends on besides the model: the image id,
-    its bytes (content hash) and its labels. Equal keys -> the previous row can be carried."""
-    text = "\x1f".join([str(image_id), str(chash), str(item_id),
-                        "" if camera_id is None else str(int(camera_id)), str(split or "")])
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
-
-
-def row_keys(table: pa.Table | pa.RecordBatch) -> np.ndarray:
-    """(N,) int64 row_key of each row of a table with LABEL_COLUMNS + content_hash."""
-    cols = [table.column(c).to_pylist() for c in (*LABEL_COLUMNS, "content_hash")]
-    image_ids, items, cams, splits, hashes = cols
-    return np.fromiter((row_key(i, h, it, c, s) for i, it, c, s, h in zip(image_ids, items, cams, splits, hashes)),
-                       dtype=np.int64, count=len(image_ids))
 
 
 def sample_table(rows: Sequence[dict], images: Sequence[bytes],
@@ -68,8 +54,8 @@ def sample_table(rows: Sequence[dict], images: Sequence[bytes],
 
 
 def mark_carried(table: pa.Table, previous_keys: np.ndarray | None) -> pa.Table:
-    """Set `carry` on rows whose row_key is in previous_keys (sorted (P,) int64) and drop their
-    image bytes, so unchanged images never travel further nor reach the model."""
+    """Set `carry` on rows whose row key (contracts.keys.row_keys) is in previous_keys (sorted
+    (P,) int64) and drop their image bytes, so unchanged images never travel further nor reach the model."""
     if previous_keys is None or len(previous_keys) == 0 or table.num_rows == 0:
         return table
     keys = row_keys(table)
@@ -431,3 +417,84 @@ def split_embedded(table: pa.Table) -> tuple[pa.Table, pa.Table, np.ndarray]:
     errors = table.filter(err).select(["image_id", "error"]).rename_columns(["image_id", "reason"])
     carried = table.filter(carry)
     return good, errors, row_keys(carried) if carried.num_rows else np.empty(0, np.int64)
+
+
+# ---- what the embed job needs besides Ray (plain functions, fast to test) ----------------------
+
+@dataclass
+class EmbedInputs:
+    """What an embed run reads: shard urls (shards mode) or manifest rows (manifest mode)."""
+
+    urls: list[str] | None
+    manifest: pa.Table | None
+    what: str  # for the progress line, e.g. "3 shard(s)"
+
+
+def embed_inputs(shards: str | None = None, manifest: str | None = None, root: str | None = None,
+                 split: str | None = None) -> EmbedInputs:
+    """Resolve the job's input: a shards glob/folder, or a manifest + its dataset root, keeping
+    rows of `split` (None: all). Raises FileNotFoundError / ValueError with a one-line reason
+    (no shard matches, --root not a directory, no manifest row of that split)."""
+    if (shards is None) == (manifest is None):
+        raise ValueError("give exactly one of --shards and --manifest")
+    if shards is not None:
+        from model.shards import list_shards
+
+        urls = list_shards(shards, split=split)
+        if not urls:
+            raise FileNotFoundError(f"no shards match {shards}" + (f" for split {split}" if split else ""))
+        return EmbedInputs(urls, None, f"{len(urls)} shard(s)")
+    import pyarrow.compute as pc
+
+    from contracts.manifest import read_manifest
+
+    if not root:
+        raise ValueError("--manifest needs --root (the folder the manifest paths are relative to)")
+    if "://" not in root and not os.path.isdir(root):
+        raise FileNotFoundError(f"--root is not a directory: {root}")
+    table = read_manifest(manifest)
+    if split:
+        table = table.filter(pc.equal(table.column("split"), split))
+    if table.num_rows == 0:
+        raise ValueError(f"{manifest}: no rows" + (f" of split {split}" if split else ""))
+    return EmbedInputs(None, table, f"{table.num_rows} manifest row(s)")
+
+
+class EmbedClock:
+    """Times one embed run from embedded tables: when the first batch came back (Ray start-up
+    and model loading), and the span and busy time of the model calls, for the steady rate
+    (embedded images over first model call's start .. last one's end)."""
+
+    def __init__(self, clock: Callable[[], float] | None = None):
+        import time
+
+        self.clock = clock or time.perf_counter
+        self.t0 = self.last = self.clock()
+        self.first_out: float | None = None
+        self.span = [float("inf"), float("-inf"), 0.0]  # first start, last finish, busy seconds
+
+    def batch(self, table: pa.Table) -> bool:
+        """Record one embedded table; True when a progress line is due (every 10 s)."""
+        import pyarrow.compute as pc
+
+        s0, s1, busy = model_time_span(table.filter(pc.invert(table.column("carry"))))
+        self.span = [min(self.span[0], s0), max(self.span[1], s1), self.span[2] + busy]
+        now = self.clock()
+        if self.first_out is None:
+            self.first_out = now
+        if now - self.last > 10:
+            self.last = now
+            return True
+        return False
+
+    def seconds(self) -> float:
+        return self.clock() - self.t0
+
+    def summary(self, embedded: int) -> dict:
+        """The timing fields of _embed.json."""
+        s0, s1, busy = self.span
+        steady = embedded / (s1 - s0) if embedded and s1 > s0 else None
+        return {"seconds": round(self.seconds(), 3),
+                "first_batch_seconds": round(self.first_out - self.t0, 3) if self.first_out else None,
+                "steady_images_per_second": round(steady, 2) if steady else None,
+                "model_busy_fraction": round(busy / (s1 - s0), 3) if steady else None}

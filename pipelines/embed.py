@@ -19,23 +19,14 @@ model are unchanged; only new or changed images go through the model.
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
-import argparse
-import json
 import os
 import time
 
-from pipelines._cli import add_ray_arguments, init_ray, run_main
+from pipelines._cli import Parser, add_ray_arguments, init_ray, make_parser, run_main
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments become a one-line `error: ...` with exit 2 (via run_main)."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> Parser:
+    p = make_parser(__doc__)
     p.add_argument("--model", required=True, help="model directory (model.pt + config.json)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", help="shards: a glob, a shards folder or a make_shards output folder")
@@ -63,7 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _wait_for_gpus(ray, timeout: float) -> int:
+def plan_actors(resources: dict, device: str, actors: int, threads: int) -> tuple[bool, int, int, dict]:
+    """(use GPU, actors, torch threads per actor, Ray resources per actor) for a cluster's
+    resources and the --device / --actors / --threads options."""
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    if use_gpu and gpus == 0:  # main waits for a GPU node first (wait_for_gpus)
+        raise RuntimeError("--device cuda but the Ray cluster has no GPU")
+    actors = actors or (gpus if use_gpu else max(1, cpus // 4))
+    threads = threads or max(1, cpus // actors)
+    if use_gpu:
+        return True, actors, threads, {"num_gpus": 1, "num_cpus": 1}
+    # leave a CPU to the reading tasks so a small cluster never deadlocks (fractions are fine)
+    return False, actors, threads, {"num_cpus": max(0.25, min(threads, (cpus - 1) / actors))}
+
+
+def wait_for_gpus(ray, timeout: float) -> int:
     """Wait until the cluster has a GPU (an autoscaler adding a GPU node); returns the count.
 
     Asks for one GPU through a pending resource request (what the autoscaler scales on) and
@@ -76,7 +82,7 @@ def _wait_for_gpus(ray, timeout: float) -> int:
     while True:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus:
-            print(f"embed: {gpus} GPU(s) joined after {time.monotonic() - t0:.0f}s", flush=True)
+            say(f"embed: {gpus} GPU(s) joined after {time.monotonic() - t0:.0f}s")
             return gpus
         now = time.monotonic()
         if now - t0 > timeout:
@@ -84,135 +90,49 @@ def _wait_for_gpus(ray, timeout: float) -> int:
                                "(--gpu-wait)")
         if now - last >= 10:
             last = now
-            print(f"embed: waiting for a GPU node ({now - t0:.0f}s of {timeout:.0f}s)", flush=True)
+            say(f"embed: waiting for a GPU node ({now - t0:.0f}s of {timeout:.0f}s)")
         time.sleep(1)
 
 
-def _previous_keys(prev: str, model_id: str):
-    """Sorted (P,) int64 row keys of an earlier output made by the same model (else empty)."""
-    import numpy as np
+def build_dataset(args, inputs, prev_keys, use_gpu: bool, actors: int, threads: int, actor_res: dict):
+    """The Ray Data pipeline: reading tasks -> model actor pool -> embedded tables."""
+    import ray.data
 
-    from contracts.vectors import check_files_agree, check_schema, open_dataset
-    from model.embedding import LABEL_COLUMNS, row_keys
+    from model import embedding as E
 
-    ds = open_dataset(prev)
-    meta = check_schema(ds.schema, "embeddings", prev)
-    check_files_agree(ds, prev)
-    if meta.model != model_id:
-        print(f"embed: --incremental {prev} was made by model {meta.model}, not {model_id}: "
-              "nothing carried", flush=True)
-        return np.empty(0, np.int64)
-    if "content_hash" not in ds.schema.names:
-        print(f"embed: --incremental {prev} has no content_hash column: nothing carried", flush=True)
-        return np.empty(0, np.int64)
-    keys = [row_keys(b) for b in ds.to_batches(columns=[*LABEL_COLUMNS, "content_hash"]) if b.num_rows]
-    return np.sort(np.concatenate(keys)) if keys else np.empty(0, np.int64)
-
-
-def _copy_carried(prev: str, carried, write) -> int:
-    """Stream the previous output and write its rows whose key is in `carried` (sorted int64);
-    write(table) returns the rows it wrote."""
-    import numpy as np
-
-    from contracts.vectors import open_dataset
-    from model.embedding import row_keys
-
-    n = 0
-    if len(carried) == 0:
-        return 0
-    for b in open_dataset(prev).to_batches(batch_size=8192):
-        keys = row_keys(b)
-        pos = np.clip(np.searchsorted(carried, keys), 0, len(carried) - 1)
-        keep = carried[pos] == keys
-        if keep.any():
-            import pyarrow as pa
-
-            n += write(pa.Table.from_batches([b]).filter(pa.array(keep)))  # rows written
-    return n
+    # Reading runs in its own tasks, overlapped with the model: remote args that differ from the
+    # actors' (a retry count for flaky storage) keep Ray from fusing this stage into the model
+    # actors, where it would run in series with the forward pass.
+    read_args = {"num_cpus": 1, "max_retries": 3}
+    if inputs.urls is not None:
+        ds = ray.data.from_items([{"url": u} for u in inputs.urls], override_num_blocks=len(inputs.urls))
+        ds = ds.map_batches(E.shard_batch_to_samples, batch_size=1, batch_format="pyarrow",
+                            fn_kwargs={"split": args.split, "previous_keys": prev_keys,
+                                       "chunk": max(args.batch_size, 64)}, **read_args)
+    else:
+        blocks = max(1, min(inputs.manifest.num_rows // 256, 10_000))
+        ds = ray.data.from_arrow(inputs.manifest).repartition(blocks)
+        ds = ds.map_batches(E.manifest_batch_to_samples, batch_size=256, batch_format="pyarrow",
+                            fn_kwargs={"root": args.root, "previous_keys": prev_keys}, **read_args)
+    return ds.map_batches(
+        E.EmbedBatch, batch_size=args.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs={"model_dir": args.model, "device": "cuda" if use_gpu else "cpu",
+                               "threads": None if use_gpu else threads,
+                               "decode_threads": args.decode_threads,
+                               "freeze": not args.no_freeze},
+        **actor_res)
 
 
-class _PartWriter:
-    """Rows of the output schema -> part-NNNNN.parquet files of <= rows_per_file rows."""
+def say(message: str) -> None:
+    print(message, flush=True)
 
-    def __init__(self, directory: str, schema, rows_per_file: int):
-        self.dir, self.schema, self.limit = directory, schema, rows_per_file
-        self.writer, self.parts, self.in_part, self.rows = None, 0, 0, 0
-
-    def write(self, table) -> int:
-        """Write `table`'s rows; returns how many were written."""
-        import pyarrow.parquet as pq
-
-        table = table.select(self.schema.names).cast(self.schema)
-        start = 0
-        while start < table.num_rows:
-            if self.writer is None or self.in_part >= self.limit:
-                self.close()
-                self.writer = pq.ParquetWriter(f"{self.dir}/part-{self.parts:05d}.parquet", self.schema)
-                self.parts += 1
-                self.in_part = 0
-            take = min(table.num_rows - start, self.limit - self.in_part)
-            self.writer.write_table(table.slice(start, take))
-            start += take
-            self.in_part += take
-            self.rows += take
-        return table.num_rows
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-
-DUPLICATE_REASON = "duplicate image_id: already embedded from an earlier sample (the input holds it twice)"
-
-
-class DuplicateFilter:
-    """Keeps the first row of each image_id across everything the job writes; a later row with
-    the same image_id (two copies of a shard, an overlapping glob) becomes an error row instead.
-    Why not refuse the job: the first copy is a correct embedding and the run may have cost
-    hours; the duplicates are listed in _errors.parquet and counted in _embed.json, and the
-    output keeps the contract (image_id unique) that build_index / query / evaluate check."""
-
-    def __init__(self):
-        self.seen: set[str] = set()
-
-    def __call__(self, table):
-        """table with an image_id column -> (first-seen rows, error rows (image_id, reason))."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        keep = []
-        for image_id in table.column("image_id").to_pylist():
-            keep.append(image_id not in self.seen)
-            self.seen.add(image_id)
-        mask = pa.array(keep, pa.bool_())
-        dups = table.filter(pc.invert(mask)).column("image_id")
-        errors = pa.table({"image_id": dups.cast(pa.string()),
-                           "reason": pa.array([DUPLICATE_REASON] * len(dups), pa.string())})
-        return table.filter(mask), errors
-
-
-def write_errors(out_dir: str, errors: list, rows_written: int):
-    """Write out_dir/_errors.parquet (image_id, reason) and return it; refuse an output with no
-    embedded row at all (every image failed), naming the first reason."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    error_table = (pa.concat_tables(errors) if errors else
-                   pa.table({"image_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}))
-    if rows_written == 0:
-        first = error_table.column("reason")[0].as_py() if error_table.num_rows else "no images"
-        raise ValueError(f"nothing embedded: {error_table.num_rows} error(s), first: {first}")
-    pq.write_table(error_table, f"{out_dir}/_errors.parquet")
-    return error_table
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
 
+    from contracts.parts import EmbedOutput, previous_keys
     from contracts.storage import atomic_dir, is_uri
     from contracts.vectors import embeddings_schema
     from model import embedding as E
@@ -224,139 +144,53 @@ def main(argv=None) -> int:
         args.shards = os.path.abspath(args.shards)
     if args.root and not is_uri(args.root):
         args.root = os.path.abspath(args.root)
-    if args.manifest and not args.root:
-        raise ValueError("--manifest needs --root (the folder the manifest paths are relative to)")
     for name in ("batch_size", "rows_per_file", "decode_threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.manifest and not args.root:
+        raise ValueError("--manifest needs --root (the folder the manifest paths are relative to)")
     _net, cfg, model_id = load_model(args.model)  # validates the model before any work
     del _net
     dim = int(cfg.embedding_dim)
-    schema = embeddings_schema(dim, model_id).append(pa.field("content_hash", pa.string()))
-
-    if args.shards:
-        from model.shards import list_shards
-
-        urls = list_shards(args.shards, split=args.split)
-        if not urls:
-            raise FileNotFoundError(f"no shards match {args.shards}" + (f" for split {args.split}" if args.split else ""))
-        what = f"{len(urls)} shard(s)"
-    else:
-        from contracts.manifest import read_manifest
-
-        if "://" not in args.root and not os.path.isdir(args.root):
-            raise FileNotFoundError(f"--root is not a directory: {args.root}")
-        manifest = read_manifest(args.manifest)
-        if args.split:
-            manifest = manifest.filter(pc.equal(manifest.column("split"), args.split))
-        if manifest.num_rows == 0:
-            raise ValueError(f"{args.manifest}: no rows" + (f" of split {args.split}" if args.split else ""))
-        what = f"{manifest.num_rows} manifest row(s)"
-    prev_keys = _previous_keys(args.incremental, model_id) if args.incremental else None
+    inputs = E.embed_inputs(args.shards, args.manifest, args.root, args.split)
+    prev_keys = previous_keys(args.incremental, model_id, say) if args.incremental else None
 
     init_ray(args.address, args.num_cpus)
     import ray
-    import ray.data
 
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
-    use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
-    if args.device == "auto" and not gpus:
-        print("embed: --device auto: no GPU in the Ray cluster now, embedding on CPU "
-              "(--device cuda waits for a GPU node the autoscaler adds)", flush=True)
-    if use_gpu and gpus == 0:
-        gpus = _wait_for_gpus(ray, args.gpu_wait)
-    actors = args.actors or (gpus if use_gpu else max(1, cpus // 4))
-    threads = args.threads or max(1, cpus // actors)
-    if use_gpu:
-        actor_res = {"num_gpus": 1, "num_cpus": 1}
-    else:  # leave a CPU to the reading tasks so a small cluster never deadlocks (fractions are fine)
-        actor_res = {"num_cpus": max(0.25, min(threads, (cpus - 1) / actors))}
-    print(f"embed: model {model_id} (dim {dim}), {what}, {actors} {'GPU' if use_gpu else 'CPU'} actor(s), "
-          f"{threads} thread(s), batch {args.batch_size}"
-          + (f", {len(prev_keys)} previous rows to compare" if prev_keys is not None else ""), flush=True)
+    resources = dict(ray.cluster_resources())
+    if args.device == "auto" and not resources.get("GPU"):
+        say("embed: --device auto: no GPU in the Ray cluster now, embedding on CPU "
+            "(--device cuda waits for a GPU node the autoscaler adds)")
+    if args.device == "cuda" and not resources.get("GPU"):
+        resources["GPU"] = wait_for_gpus(ray, args.gpu_wait)
+    use_gpu, actors, threads, actor_res = plan_actors(resources, args.device, args.actors, args.threads)
+    say(f"embed: model {model_id} (dim {dim}), {inputs.what}, {actors} {'GPU' if use_gpu else 'CPU'} actor(s), "
+        f"{threads} thread(s), batch {args.batch_size}"
+        + (f", {len(prev_keys)} previous rows to compare" if prev_keys is not None else ""))
+    ds = build_dataset(args, inputs, prev_keys, use_gpu, actors, threads, actor_res)
 
-    # Reading runs in its own tasks, overlapped with the model: remote args that differ from the
-    # actors' (a retry count for flaky storage) keep Ray from fusing this stage into the model
-    # actors, where it would run in series with the forward pass.
-    read_args = {"num_cpus": 1, "max_retries": 3}
-    if args.shards:
-        ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
-        ds = ds.map_batches(E.shard_batch_to_samples, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"split": args.split, "previous_keys": prev_keys,
-                                       "chunk": max(args.batch_size, 64)}, **read_args)
-    else:
-        blocks = max(1, min(manifest.num_rows // 256, 10_000))
-        ds = ray.data.from_arrow(manifest).repartition(blocks)
-        ds = ds.map_batches(E.manifest_batch_to_samples, batch_size=256, batch_format="pyarrow",
-                            fn_kwargs={"root": args.root, "previous_keys": prev_keys}, **read_args)
-    ds = ds.map_batches(
-        E.EmbedBatch, batch_size=args.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        fn_constructor_kwargs={"model_dir": args.model, "device": "cuda" if use_gpu else "cpu",
-                               "threads": None if use_gpu else threads,
-                               "decode_threads": args.decode_threads,
-                               "freeze": not args.no_freeze},
-        **actor_res)
-
-    t0 = time.perf_counter()
-    errors: list = []
-    carried: list = []
-    embedded = 0
-    last = t0
-    first_out = None  # when the first batch came back: after Ray start-up and model loading
-    span = [float("inf"), float("-inf"), 0.0]  # model calls: first start, last finish, busy seconds
+    clock = E.EmbedClock()
+    schema = embeddings_schema(dim, model_id).append(pa.field("content_hash", pa.string()))
     with atomic_dir(args.out) as tmp:
-        writer = _PartWriter(tmp, schema, args.rows_per_file)
-        first_copy = DuplicateFilter()
-
-        def write_once(table):
-            table, dups = first_copy(table)
-            if dups.num_rows:
-                errors.append(dups)
-            writer.write(table)
-            return table.num_rows
-
+        out = EmbedOutput(tmp, schema, args.rows_per_file, model_id, dim)
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                good, errs, keys = E.split_embedded(batch)
-                s0, s1, busy = E.model_time_span(batch.filter(pc.invert(batch.column("carry"))))
-                span = [min(span[0], s0), max(span[1], s1), span[2] + busy]
-                if first_out is None:
-                    first_out = time.perf_counter()
-                if good.num_rows:
-                    embedded += write_once(good)
-                if errs.num_rows:
-                    errors.append(errs)
-                carried.append(keys)
-                now = time.perf_counter()
-                if now - last > 10:
-                    last = now
-                    print(f"embed: {embedded} embedded ({embedded / (now - t0):.1f} img/s), "
-                          f"{sum(len(k) for k in carried)} unchanged, "
-                          f"{sum(e.num_rows for e in errors)} error(s)", flush=True)
-            carried_keys = np.unique(np.concatenate(carried)) if carried else np.empty(0, np.int64)
-            n_carried = _copy_carried(args.incremental, carried_keys, write_once) if args.incremental else 0
-        finally:
-            writer.close()
-        error_table = write_errors(tmp, errors, writer.rows)
-        seconds = time.perf_counter() - t0
-        # steady rate: embedded images over the span from the first model call's start to the last
-        # one's end (model loading and Ray start-up excluded, reading stalls included)
-        steady = embedded / (span[1] - span[0]) if embedded and span[1] > span[0] else None
-        summary = {"model": model_id, "dim": dim, "embedded": embedded, "carried": n_carried,
-                   "errors": error_table.num_rows, "rows": writer.rows, "files": writer.parts,
-                   "seconds": round(seconds, 3),
-                   "first_batch_seconds": round(first_out - t0, 3) if first_out else None,
-                   "steady_images_per_second": round(steady, 2) if steady else None,
-                   "model_busy_fraction": round(span[2] / (span[1] - span[0]), 3) if steady else None}
-        with open(f"{tmp}/_embed.json", "w") as f:
-            json.dump(summary, f, indent=2)
-    print(f"embed: {embedded} embedded, {n_carried} carried over unchanged, {error_table.num_rows} error(s) "
-          f"in {seconds:.1f}s ({embedded / max(seconds, 1e-9):.1f} img/s) -> {args.out}", flush=True)
+                out.add(*E.split_embedded(batch))
+                if clock.batch(batch):
+                    say(f"embed: {out.embedded} embedded ({out.embedded / clock.seconds():.1f} img/s), "
+                        f"{out.n_unchanged} unchanged, {out.n_errors} error(s)")
+        except BaseException:
+            out.close()  # atomic_dir removes the temporary output
+            raise
+        summary, error_table = out.finish(args.incremental, **clock.summary(out.embedded))
+    seconds = summary["seconds"]
+    say(f"embed: {summary['embedded']} embedded, {summary['carried']} carried over unchanged, "
+        f"{summary['errors']} error(s) in {seconds:.1f}s "
+        f"({summary['embedded'] / max(seconds, 1e-9):.1f} img/s) -> {args.out}")
     for image_id, reason in list(zip(error_table.column("image_id").to_pylist(),
                                      error_table.column("reason").to_pylist()))[:5]:
-        print(f"embed: skipped {image_id}: {reason}", flush=True)
+        say(f"embed: skipped {image_id}: {reason}")
     return 0
 
 

@@ -4,7 +4,7 @@
         --model models/ctl --work outputs/reindex --index-root outputs/indexes --name gallery \\
         --validation outputs/query_emb
 
-Steps (index/reindex.py; every step is logged to WORK/reindex.jsonl with counts and seconds):
+Steps (index/nightly/runner.py; every step is logged to WORK/reindex.jsonl with counts and seconds):
   embed      only images whose id, bytes (sha256), labels or model changed go through the model
              (pipelines/embed.py --incremental on Ray, or in this process with --executor local);
              images no longer in the manifest are dropped; a model change re-embeds everything
@@ -24,7 +24,6 @@ any point can simply be run again.
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
-import json
 import os
 
 from pipelines._cli import add_ray_arguments, init_ray, run_main
@@ -40,6 +39,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dataclasses import fields
+
+    from index.nightly.runner import INDEX_KINDS, ReindexConfig
+
+    d = {f.name: f.default for f in fields(ReindexConfig)}  # the defaults live in the config
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gallery-manifest", required=True,
                    help="manifest Parquet of the gallery (rows of --split are used)")
@@ -56,25 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--published-validation", default=None,
                    help="query embeddings made with the published version's model, for the gate "
                         "after a model change (default: its recorded validation mAP)")
-    p.add_argument("--max-drop", type=float, default=0.01,
-                   help="largest allowed validation mAP drop vs the published version (default 0.01)")
-    p.add_argument("--target-recall", type=float, default=0.95,
-                   help="recall@10 the new index must reach vs exact search (default 0.95)")
-    p.add_argument("--keep", type=int, default=3, help="index versions to keep (default 3)")
-    p.add_argument("--shards", type=int, default=None,
+    p.add_argument("--max-drop", type=float, default=d["max_drop"],
+                   help="largest allowed validation mAP drop vs the published version (default %(default)s)")
+    p.add_argument("--target-recall", type=float, default=d["target_recall"],
+                   help="recall@10 the new index must reach vs exact search (default %(default)s)")
+    p.add_argument("--keep", type=int, default=d["keep"], help="index versions to keep (default %(default)s)")
+    p.add_argument("--shards", type=int, default=d["shards"],
                    help="index shards (default: as the published version, 1 if none)")
-    p.add_argument("--index-type", default="auto",
-                   help="auto, flat, hnsw, ivf, ivfpq or a FAISS factory string (default auto)")
-    p.add_argument("--index-kind", default=None, choices=["centroids", "embeddings"],
+    p.add_argument("--index-type", default=d["index_type"],
+                   help="auto, flat, hnsw, ivf, ivfpq or a FAISS factory string (default %(default)s)")
+    p.add_argument("--index-kind", default=d["index_kind"], choices=list(INDEX_KINDS),
                    help="index one centroid per item or every image embedding (default: as the "
                         "published version, centroids if none)")
-    p.add_argument("--max-error-fraction", type=float, default=0.05,
+    p.add_argument("--max-error-fraction", type=float, default=d["max_error_fraction"],
                    help="refuse the run when more than this fraction of the gallery images cannot be "
-                        "read or decoded (default 0.05)")
-    p.add_argument("--gate-k", type=int, default=100, help="ranked list length for the gate's mAP@k (default 100)")
-    p.add_argument("--max-shrink", type=float, default=0.1,
+                        "read or decoded (default %(default)s)")
+    p.add_argument("--gate-k", type=int, default=d["gate_k"],
+                   help="ranked list length for the gate's mAP@k (default %(default)s)")
+    p.add_argument("--max-shrink", type=float, default=d["max_shrink"],
                    help="refuse a version with more than this fraction fewer vectors than the published "
-                        "one (default 0.1; 1.0 allows any shrink)")
+                        "one (default %(default)s; 1.0 allows any shrink)")
     p.add_argument("--executor", default="ray", choices=["ray", "local"],
                    help="ray: embed with Ray Data (pipelines/embed.py); local: embed in this process "
                         "(small galleries, tests)")
@@ -88,44 +93,29 @@ def embed_local(manifest, root: str, model_dir: str, previous: str | None, out: 
                 batch_size: int = 64, threads: int | None = None, rows_per_file: int = 200_000) -> dict:
     """Embed a manifest table in this process, in pipelines/embed.py's output layout (part files
     + content_hash, _errors.parquet, _embed.json), carrying over unchanged rows of `previous`
-    (same key and model) with embed's own functions. Returns the _embed.json summary."""
-    import time
-
-    import numpy as np
+    (same key and model) through contracts.parts.EmbedOutput, as the embed job does. Returns the
+    _embed.json summary."""
     import pyarrow as pa
 
+    from contracts.parts import EmbedOutput, previous_keys
     from contracts.storage import atomic_dir
     from contracts.vectors import embeddings_schema
     from model import embedding as E
-    from pipelines.embed import _copy_carried, _PartWriter, _previous_keys, write_errors
 
-    t0 = time.perf_counter()
+    clock = E.EmbedClock()
     runner = E.ModelRunner(model_dir, device="auto", threads=threads or None, decode_threads=1)
-    prev_keys = _previous_keys(previous, runner.model_id) if previous else None
+    prev_keys = previous_keys(previous, runner.model_id) if previous else None
     schema = embeddings_schema(runner.dim, runner.model_id).append(pa.field("content_hash", pa.string()))
-    errors, carried, embedded = [], [], 0
     with atomic_dir(out) as tmp:
-        writer = _PartWriter(tmp, schema, rows_per_file)
+        output = EmbedOutput(tmp, schema, rows_per_file, runner.model_id, runner.dim)
         try:
             for batch in manifest.to_batches(max_chunksize=batch_size):
                 samples = E.manifest_batch_to_samples(pa.Table.from_batches([batch]), root, prev_keys)
-                good, errs, keys = E.split_embedded(E.embed_sample_table(runner, samples))
-                if good.num_rows:
-                    writer.write(good)
-                    embedded += good.num_rows
-                if errs.num_rows:
-                    errors.append(errs)
-                carried.append(keys)
-            keys = np.unique(np.concatenate(carried)) if carried else np.empty(0, np.int64)
-            n_carried = _copy_carried(previous, keys, writer.write) if previous else 0
-        finally:
-            writer.close()
-        error_table = write_errors(tmp, errors, writer.rows)
-        summary = {"model": runner.model_id, "dim": runner.dim, "embedded": embedded, "carried": n_carried,
-                   "errors": error_table.num_rows, "rows": writer.rows, "files": writer.parts,
-                   "seconds": round(time.perf_counter() - t0, 3)}
-        with open(f"{tmp}/_embed.json", "w") as f:
-            json.dump(summary, f, indent=2)
+                output.add(*E.split_embedded(E.embed_sample_table(runner, samples)))
+        except BaseException:
+            output.close()
+            raise
+        summary, _ = output.finish(previous, seconds=round(clock.seconds(), 3))
     return summary
 
 
@@ -146,7 +136,7 @@ def embed_with_ray(args, previous: str | None, out: str) -> dict:
     rc = embed.main(argv)
     if rc:
         raise RuntimeError(f"embed step failed with exit status {rc}")
-    from index.nightly.runner import read_json
+    from index.nightly.state import read_json
 
     summary = read_json(os.path.join(out, "_embed.json"))  # size-capped, regular file only
     if summary is None:
@@ -169,8 +159,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import pyarrow.compute as pc
 
-    from index.nightly.runner import ReindexConfig, Reindexer
     from contracts.manifest import read_manifest
+    from index.nightly.runner import ReindexConfig, Reindexer
 
     args.root = args.root or os.path.dirname(os.path.abspath(args.gallery_manifest))
     if "://" not in args.root and not os.path.isdir(args.root):
@@ -189,7 +179,7 @@ def main(argv=None) -> int:
         index_kind=args.index_kind, gate_k=args.gate_k, max_error_fraction=args.max_error_fraction,
         max_shrink=args.max_shrink,
         kill_after=os.environ.get(KILL_ENV) or None,
-        model_dir=args.model if "://" in args.model else os.path.abspath(args.model)).check()
+        model_dir=args.model if "://" in args.model else os.path.abspath(args.model))
     print(f"reindex: {manifest.num_rows} {args.split} images in {args.gallery_manifest}, model {model_id}, "
           f"index {os.path.join(args.index_root, args.name)}", flush=True)
 

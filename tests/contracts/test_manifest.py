@@ -89,3 +89,22 @@ def test_write_manifest_is_atomic(tmp_path):
         write_manifest(bad, target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.parquet"]
+
+
+def test_write_manifest_failing_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    import contracts.manifest as M
+
+    target = tmp_path / "m.parquet"
+    write_manifest(make_manifest_table([row("a")]), target)
+    before = target.read_bytes()
+
+    def half(table, where, **kw):  # a full disk half-way through the Parquet file
+        with kw["filesystem"].open_output_stream(where) as f:
+            f.write(b"PAR1")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(M.pq, "write_table", half)
+    with pytest.raises(OSError, match="No space"):
+        write_manifest(make_manifest_table([row("b")]), target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.parquet"]

@@ -18,8 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from index.nightly import runner as R
 from index.ann.versions import IndexHome, IndexVersionError, finalize_manifest
+from index.nightly import gate as G
+from index.nightly import state as S
 from tests.pipelines.test_reindex import argv, last_run, night, world  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,17 +90,17 @@ def test_work_dir_state_that_is_a_device_or_huge_is_one_line(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     for target in ("/dev/null", str(tmp_path)):
-        os.symlink(target, work / R.STATE_FILE)
-        with pytest.raises(R.ReindexError, match="not a regular file"):
-            R.read_json(str(work / R.STATE_FILE))
-        os.remove(work / R.STATE_FILE)
-    (work / R.STATE_FILE).write_text(json.dumps({"x": "y" * (R.MAX_STATE_BYTES + 10)}))
-    with pytest.raises(R.ReindexError, match="more than") as e:
-        R.read_json(str(work / R.STATE_FILE))
+        os.symlink(target, work / S.STATE_FILE)
+        with pytest.raises(S.ReindexError, match="not a regular file"):
+            S.read_json(str(work / S.STATE_FILE))
+        os.remove(work / S.STATE_FILE)
+    (work / S.STATE_FILE).write_text(json.dumps({"x": "y" * (S.MAX_STATE_BYTES + 10)}))
+    with pytest.raises(S.ReindexError, match="more than") as e:
+        S.read_json(str(work / S.STATE_FILE))
     assert "yyyy" not in str(e.value)
-    (work / R.STATE_FILE).write_text("[1, 2]")
-    with pytest.raises(R.ReindexError, match="not a JSON object"):
-        R.read_json(str(work / R.STATE_FILE))
+    (work / S.STATE_FILE).write_text("[1, 2]")
+    with pytest.raises(S.ReindexError, match="not a JSON object"):
+        S.read_json(str(work / S.STATE_FILE))
 
 
 # ---------------------------------------------------------------- 7: publish racing prune
@@ -185,10 +186,10 @@ def test_gate_never_compares_figures_scored_differently():
     new = {"mAP": 0.5, "gate_mAP": 0.5, "num_valid_queries": 10, "num_queries": 10, "k": 100,
            "scoring": "index-centroids-all-cameras", "num_vectors": 20}
     old = {**new, "scoring": "protocol", "version": "v1"}
-    with pytest.raises(R.ReindexError, match="cannot compare"):
-        R.gate_decision(new, old, 1.0, 0.95, 0.01)
-    with pytest.raises(R.ReindexError, match="cannot compare"):  # and never at another k
-        R.gate_decision(new, {**new, "k": 3, "version": "v1"}, 1.0, 0.95, 0.01)
+    with pytest.raises(S.ReindexError, match="cannot compare"):
+        G.gate_decision(new, old, 1.0, 0.95, 0.01)
+    with pytest.raises(S.ReindexError, match="cannot compare"):  # and never at another k
+        G.gate_decision(new, {**new, "k": 3, "version": "v1"}, 1.0, 0.95, 0.01)
 
 
 def test_gate_counts_lost_queries_and_refuses_a_shrunken_gallery():
@@ -197,11 +198,11 @@ def test_gate_counts_lost_queries_and_refuses_a_shrunken_gallery():
     old = {"mAP": 0.7, "gate_mAP": 0.7, "num_valid_queries": 20, "num_queries": 20, "k": 100,
            "scoring": "index-centroids-all-cameras", "num_vectors": 22, "version": "v1"}
     new = {**old, "mAP": 1.0, "gate_mAP": 3 / 20, "num_valid_queries": 3, "num_vectors": 3}
-    d = R.gate_decision(new, old, 1.0, 0.95, 0.01, max_shrink=0.1)
+    d = G.gate_decision(new, old, 1.0, 0.95, 0.01, max_shrink=0.1)
     assert not d.passed and "shrank from 22 to 3" in d.reason
-    d = R.gate_decision(new, old, 1.0, 0.95, 0.01, max_shrink=1.0)
+    d = G.gate_decision(new, old, 1.0, 0.95, 0.01, max_shrink=1.0)
     assert not d.passed and "0.1500" in d.reason and "17 validation queries lost" in d.reason
-    back = R.gate_decision(old, new, 1.0, 0.95, 0.01, max_shrink=0.1)  # restoring it passes
+    back = G.gate_decision(old, new, 1.0, 0.95, 0.01, max_shrink=0.1)  # restoring it passes
     assert back.passed
 
 

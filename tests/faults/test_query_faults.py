@@ -20,7 +20,7 @@ from contracts.vectors import l2_normalize, make_embeddings_table, write_table_a
 from pipelines import build_index as build_job
 from pipelines import evaluate as evaluate_job
 from pipelines import query as query_job
-from pipelines.embed import DUPLICATE_REASON, DuplicateFilter
+from contracts.parts import DUPLICATE_REASON, DuplicateFilter
 from tests.faults.test_bad_vectors import assert_one_line_error, cli
 from tests.index.index_data import clustered, write_vectors
 

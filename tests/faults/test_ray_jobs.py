@@ -37,14 +37,16 @@ N_GOOD = 24
 SLOW_EMBED = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
+from contracts import parts
 from pipelines import embed
 from pipelines._cli import run_main
-real = embed._PartWriter.write
+real = parts.PartWriter.write
 def write(self, table):
-    real(self, table)
+    n = real(self, table)
     print("PART-WRITE", self.rows, flush=True)
     time.sleep(0.3)
-embed._PartWriter.write = write
+    return n
+parts.PartWriter.write = write
 run_main(embed.main, sys.argv[2:])
 """
 

@@ -49,7 +49,7 @@ def test_save_replaces_and_failure_keeps_previous(tmp_path, monkeypatch):
     def boom(src, target):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "_replace_local_dir", boom)
+    monkeypatch.setattr(ckpt, "replace_dir", boom)
     with pytest.raises(OSError):
         save_model(net1, cfg, str(out))
     assert load_model(str(out))[2] == id2

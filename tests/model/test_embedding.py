@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from contracts.keys import row_keys
 from model import embedding as E
 
 
@@ -79,7 +80,7 @@ def test_runner_matches_plain_forward_and_skips_corrupt(tiny_model):
 def test_mark_carried_matches_full_row_key():
     imgs = [jpeg(5), jpeg(6), jpeg(7)]
     t = E.sample_table(rows(3), imgs)
-    prev = np.sort(E.row_keys(t.slice(0, 2)))
+    prev = np.sort(row_keys(t.slice(0, 2)))
     # image 1 changed bytes, image 2 is new: only image 0 is carried
     t2 = E.sample_table(rows(3), [imgs[0], jpeg(60), imgs[2]])
     m = E.mark_carried(t2, prev)
@@ -135,3 +136,37 @@ def test_untraceable_model_falls_back_to_eager_and_says_so(capsys):
     net = Branchy()
     assert E.prepare_model(net, "cpu", (8, 4)) is net
     assert "using the eager model" in capsys.readouterr().err
+
+
+def test_embed_inputs_resolve_and_refuse_in_one_line(tmp_path):
+    from contracts.manifest import make_manifest_table, write_manifest
+
+    rows_ = [{"image_id": f"{s}{i}.jpg", "item_id": "1", "camera_id": None, "split": s, "path": f"{s}{i}.jpg"}
+             for s in ("gallery", "query") for i in range(2)]
+    write_manifest(make_manifest_table(rows_), tmp_path / "m.parquet")
+    got = E.embed_inputs(manifest=str(tmp_path / "m.parquet"), root=str(tmp_path), split="query")
+    assert got.urls is None and got.manifest.column("image_id").to_pylist() == ["query0.jpg", "query1.jpg"]
+    assert got.what == "2 manifest row(s)"
+    with pytest.raises(ValueError, match="no rows of split train"):
+        E.embed_inputs(manifest=str(tmp_path / "m.parquet"), root=str(tmp_path), split="train")
+    with pytest.raises(FileNotFoundError, match="--root is not a directory"):
+        E.embed_inputs(manifest=str(tmp_path / "m.parquet"), root=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="needs --root"):
+        E.embed_inputs(manifest=str(tmp_path / "m.parquet"))
+    with pytest.raises(FileNotFoundError, match="no shards match"):
+        E.embed_inputs(shards=str(tmp_path / "none-*.tar"))
+
+
+def test_embed_clock_steady_rate_from_model_calls():
+    ticks = iter([0.0, 1.0, 12.0, 13.0, 14.0])
+    clock = E.EmbedClock(clock=lambda: next(ticks))
+
+    def table(n, start, finish, carry=False):
+        return pa.table({"carry": [carry] * n, "started": [start] * n, "finished": [finish] * n})
+
+    assert clock.batch(table(4, 100.0, 102.0)) is False  # t=1: first batch back
+    assert clock.batch(table(4, 102.0, 104.0)) is True   # t=12: a progress line is due
+    assert clock.batch(table(2, 0.0, 999.0, carry=True)) is False  # carried rows: no model call
+    s = clock.summary(embedded=8)
+    assert s == {"seconds": 14.0, "first_batch_seconds": 1.0, "steady_images_per_second": 2.0,
+                 "model_busy_fraction": 1.0}

@@ -162,3 +162,14 @@ def test_bad_inputs_exit_2(tmp_path, tiny_model, capsys):
     code, err = run_inprocess(capsys, "--model", tiny_model, "--shards", "x", "--out", "o", "--bogus")
     assert code == 2 and "bogus" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_actors_without_ray():
+    from pipelines.embed import plan_actors
+
+    assert plan_actors({"CPU": 8}, "auto", 0, 0) == (False, 2, 4, {"num_cpus": 3.5})
+    assert plan_actors({"CPU": 2}, "auto", 0, 0) == (False, 1, 2, {"num_cpus": 1.0})
+    assert plan_actors({"CPU": 16, "GPU": 2}, "auto", 0, 0) == (True, 2, 8, {"num_gpus": 1, "num_cpus": 1})
+    assert plan_actors({"CPU": 16, "GPU": 2}, "cpu", 1, 3)[:3] == (False, 1, 3)
+    with pytest.raises(RuntimeError, match="no GPU"):
+        plan_actors({"CPU": 4}, "cuda", 0, 0)

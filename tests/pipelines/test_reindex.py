@@ -1,4 +1,4 @@
-"""pipelines/reindex.py and index/reindex.py: the nightly job on a tiny synthetic dataset and an
+"""pipelines/reindex.py and index/nightly/: the nightly job on a tiny synthetic dataset and an
 untrained resnet18 at 32x16 (embedding in-process, --executor local), plus one slow test that
 submits the job three times to a private local Ray head through `ray job submit`.
 
@@ -21,7 +21,9 @@ import pytest
 
 from index.ann.versions import IndexHome
 from index.centroids import aggregate as C
-from index.nightly import runner as R
+from index.centroids.aggregate import incremental
+from index.nightly import gate as G
+from index.nightly import state as S
 
 REPO = Path(__file__).resolve().parents[2]
 HELD_BACK = 20  # gallery images kept out of the first manifest, added on the third night
@@ -98,13 +100,13 @@ GROWTH = ("--max-drop", "1.0")
 
 def last_run(work: Path) -> dict:
     """step -> last event of the newest run in the run log ("run" is its final status)."""
-    events = R.read_log(str(work / R.LOG_FILE))
+    events = S.read_log(str(work / S.LOG_FILE))
     run = events[-1]["run"]
     return {e["step"]: e for e in events if e["run"] == run}
 
 
 def committed_image_ids(work: Path) -> list[str]:
-    state = json.loads((work / R.STATE_FILE).read_text())
+    state = json.loads((work / S.STATE_FILE).read_text())
     from contracts.vectors import open_dataset
 
     ids = open_dataset(str(work / state["embeddings"])).to_table(columns=["image_id"]).column("image_id")
@@ -167,10 +169,10 @@ def test_three_nights_incremental(world, tmp_path):
         assert len(idx) == idx.ntotal == len(items) == s3["centroids"]["items"]
         assert set(idx._labels.column("item_id").to_pylist()) == items
     # the incrementally updated centroids equal a full recompute from the embeddings
-    state = json.loads((work / R.STATE_FILE).read_text())
+    state = json.loads((work / S.STATE_FILE).read_text())
     emb = read_vectors(str(work / state["embeddings"]), kind="embeddings")
     ref = C.centroids_reference(emb.item_ids, emb.camera_ids, emb.vectors)
-    got = read_vectors(str(work / state["centroids"] / R.CENTROIDS_FILE), kind="centroids")
+    got = read_vectors(str(work / state["centroids"] / incremental.CENTROIDS_FILE), kind="centroids")
     order = np.argsort(got.item_ids.astype(str))
     assert list(got.item_ids[order]) == list(ref.item_ids)
     assert np.abs(got.vectors[order] - ref.embeddings).max() < 1e-6
@@ -264,13 +266,13 @@ def test_gate_refuses_a_worse_model_and_checks_validation_model(world, tmp_path,
 
 def test_gate_decision_rules():
     new = {"mAP": 0.50, "num_valid_queries": 10, "num_queries": 10, "k": 100}
-    assert R.gate_decision(new, None, 1.0, 0.95, 0.01).passed
-    assert R.gate_decision(new, {"mAP": 0.505}, 1.0, 0.95, 0.01).passed
-    refused = R.gate_decision(new, {"mAP": 0.52, "version": "v1"}, 1.0, 0.95, 0.01)
+    assert G.gate_decision(new, None, 1.0, 0.95, 0.01).passed
+    assert G.gate_decision(new, {"mAP": 0.505}, 1.0, 0.95, 0.01).passed
+    refused = G.gate_decision(new, {"mAP": 0.52, "version": "v1"}, 1.0, 0.95, 0.01)
     assert not refused.passed and "0.5200" in refused.reason and "v1" in refused.reason
-    low = R.gate_decision(new, None, 0.90, 0.95, 0.01)
+    low = G.gate_decision(new, None, 0.90, 0.95, 0.01)
     assert not low.passed and "recall" in low.reason
-    none_valid = R.gate_decision({**new, "num_valid_queries": 0}, None, 1.0, 0.95, 0.01)
+    none_valid = G.gate_decision({**new, "num_valid_queries": 0}, None, 1.0, 0.95, 0.01)
     assert not none_valid.passed
 
 
@@ -296,23 +298,23 @@ def test_update_centroids_equals_full_recompute(tmp_path):
     cams = rng.integers(1, 4, n + 40)
     ids = np.array([f"img{i}" for i in range(n + 40)])
     old = _emb_dir(tmp_path / "old", ids[:n], items[:n], cams[:n], vecs[:n])
-    R.compute_centroids(old, str(tmp_path / "c_old"), batch_size=64)
+    incremental.compute_centroids(old, str(tmp_path / "c_old"), batch_size=64)
     # new night: 40 added, rows 0..24 removed, item 7 loses every image
     keep = np.r_[np.arange(25, n + 40)]
     keep = keep[items[keep] != "7"]
     new = _emb_dir(tmp_path / "new", ids[keep], items[keep], cams[keep], vecs[keep])
-    delta = R.diff_embeddings(old, new, batch_size=50)
+    delta = incremental.diff_embeddings(old, new, batch_size=50)
     assert delta.n_added == int((keep >= n).sum()) and delta.n_removed == n - int((keep < n).sum())
-    stats = R.update_centroids(str(tmp_path / "c_old"), delta, str(tmp_path / "c_new"), "m", d, batch_size=16)
-    full = R.compute_centroids(new, str(tmp_path / "c_full"))
+    stats = incremental.update_centroids(str(tmp_path / "c_old"), delta, str(tmp_path / "c_new"), "m", d, batch_size=16)
+    full = incremental.compute_centroids(new, str(tmp_path / "c_full"))
     assert (stats.items, stats.images, stats.pairs) == (full.items, full.images, full.pairs)
-    a = read_vectors(str(tmp_path / "c_new" / R.CENTROIDS_FILE), kind="centroids")
-    b = read_vectors(str(tmp_path / "c_full" / R.CENTROIDS_FILE), kind="centroids")
+    a = read_vectors(str(tmp_path / "c_new" / incremental.CENTROIDS_FILE), kind="centroids")
+    b = read_vectors(str(tmp_path / "c_full" / incremental.CENTROIDS_FILE), kind="centroids")
     oa, ob = np.argsort(a.item_ids.astype(str)), np.argsort(b.item_ids.astype(str))
     assert list(a.item_ids[oa]) == list(b.item_ids[ob]) and "7" not in set(a.item_ids)
     assert np.abs(a.vectors[oa] - b.vectors[ob]).max() < 1e-6
-    pa_, _ = C.read_pair_sums(str(tmp_path / "c_new" / R.SUMS_FILE))
-    pb, _ = C.read_pair_sums(str(tmp_path / "c_full" / R.SUMS_FILE))
+    pa_, _ = C.read_pair_sums(str(tmp_path / "c_new" / incremental.SUMS_FILE))
+    pb, _ = C.read_pair_sums(str(tmp_path / "c_full" / incremental.SUMS_FILE))
     assert (pa_.counts == pb.counts).all() and np.abs(pa_.sums - pb.sums).max() < 1e-9
 
 
@@ -327,8 +329,8 @@ def test_lock_stops_a_second_run(world, tmp_path, capsys):
     home = IndexHome.of(str(tmp_path / "indexes"), "gallery")
     os.makedirs(home.path, exist_ok=True)
     # a run holding the index lock (other work dir) and one holding this work dir's lock
-    for held in (os.path.join(home.path, R.LOCK_FILE), str(tmp_path / "work" / R.LOCK_FILE)):
-        with R.RunLock(held):
+    for held in (os.path.join(home.path, S.LOCK_FILE), str(tmp_path / "work" / S.LOCK_FILE)):
+        with S.RunLock(held):
             with pytest.raises(SystemExit) as e:
                 run_main(main, argv(world, m, tmp_path))
             assert e.value.code == 2
@@ -336,10 +338,10 @@ def test_lock_stops_a_second_run(world, tmp_path, capsys):
             assert len(err) == 1 and "another reindex run holds the lock" in err[0]
             assert f"pid {os.getpid()}" in err[0]
             assert home.current() is None
-    with R.RunLock(str(tmp_path / "l")):  # released on exit: can be taken again
+    with S.RunLock(str(tmp_path / "l")):  # released on exit: can be taken again
         pass
-    with R.RunLock(str(tmp_path / "l")), pytest.raises(R.LockHeldError):
-        R.RunLock(str(tmp_path / "l")).acquire()
+    with S.RunLock(str(tmp_path / "l")), pytest.raises(S.LockHeldError):
+        S.RunLock(str(tmp_path / "l")).acquire()
 
 
 @pytest.mark.parametrize("step", ["embed", "build", "publish"])
@@ -364,7 +366,7 @@ def test_killed_run_then_rerun(world, tmp_path, step):
                           cwd=REPO, env={**os.environ, KILL_ENV: step}, capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    killed = [e for e in R.read_log(str(tmp_path / "work" / R.LOG_FILE)) if e["step"] == step]
+    killed = [e for e in S.read_log(str(tmp_path / "work" / S.LOG_FILE)) if e["step"] == step]
     assert killed and killed[-1]["status"] == "done"
     # what readers see right after the kill: the old version (or none), or the new one once
     # CURRENT was swapped; never a half-written one
@@ -390,7 +392,7 @@ def test_killed_run_then_rerun(world, tmp_path, step):
     with open_index(home.path) as idx:
         assert sorted(idx._labels.column("image_id").to_pylist()) == expected
     work = tmp_path / "work"
-    assert not (work / R.PENDING_FILE).exists()
+    assert not (work / S.PENDING_FILE).exists()
     assert len([p for p in work.iterdir() if p.name.startswith("gen-")]) == 1
     assert not [p for p in Path(home.path).iterdir() if p.name.startswith(".tmp")]
 
@@ -473,3 +475,17 @@ def test_three_nights_as_ray_jobs_on_a_local_head(world, tmp_path):
     items = set(third.column("item_id").to_pylist())
     with open_index(home.path, verify=True) as idx:
         assert len(idx) == len(items) and set(idx._labels.column("item_id").to_pylist()) == items
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from dataclasses import MISSING, fields
+
+    from index.nightly.runner import ReindexConfig
+    from pipelines.reindex import build_parser
+
+    args = vars(build_parser().parse_args(["--gallery-manifest", "m", "--model", "x", "--work", "w",
+                                            "--index-root", "r", "--name", "n", "--validation", "v"]))
+    shared = [f for f in fields(ReindexConfig)
+              if f.name in args and f.name != "batch_size" and f.default is not MISSING]
+    assert len(shared) >= 9
+    assert {f.name: args[f.name] for f in shared} == {f.name: f.default for f in shared}

@@ -3,7 +3,7 @@ import pytest
 
 from index.nightly.runner import ReindexConfig
 
-BASE = dict(work="w", index_root="r", name="n", validation="v.parquet", model_id="m")
+BASE = {"work": "w", "index_root": "r", "name": "n", "validation": "v.parquet", "model_id": "m"}
 
 
 @pytest.mark.parametrize("bad, message", [
