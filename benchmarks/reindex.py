@@ -4,7 +4,7 @@
 
 Synthetic embeddings outputs (the embed layout: embeddings contract + content_hash) for two
 nights that differ in `changed` of their rows (half added, half removed); prints seconds for
-index.centroids.aggregate.incremental.diff_embeddings + update_centroids and for compute_centroids, and checks that
+index.centroids.incremental.diff_embeddings + update_centroids and for compute_centroids, and checks that
 both give the same centroids.
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--changed", type=float, default=0.01, help="fraction of rows added + removed")
     args = p.parse_args()
     from contracts.vectors import l2_normalize, read_vectors
-    from index.centroids.aggregate import incremental
+    from index.centroids import incremental
 
     rng = np.random.default_rng(0)
     n, k = args.rows, int(args.rows * args.changed / 2)

@@ -23,7 +23,7 @@ One run (`Reindexer.run`):
 
 One method per step (`Reindexer._embed_step` ... `_publish_step`). The work-dir files and locks
 live in index.nightly.state, the gate in index.nightly.gate, the incremental centroids in
-index.centroids.aggregate.incremental.
+index.centroids.incremental.
 
 Crash safety: every output is written under a temporary name and renamed complete;
 ``state.json`` (the committed generation) is replaced atomically only after a run's data is
@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 
 from contracts.vectors import VectorTable, check_schema, open_dataset, read_vectors
 from index.ann.versions import IndexHome, new_version_name
-from index.centroids.aggregate.incremental import (
+from index.centroids.incremental import (
     CENTROIDS_FILE,
     CentroidStateError,
     compute_centroids,

@@ -21,7 +21,7 @@ import pytest
 
 from index.ann.versions import IndexHome
 from index.centroids import aggregate as C
-from index.centroids.aggregate import incremental
+from index.centroids import incremental
 from index.nightly import gate as G
 from index.nightly import state as S
 
