@@ -106,7 +106,7 @@ class _Scorer:
         self.q, self.g, self.rows = q, full_g, rows
         if uses(config, "diffusion") and len(g):
             from index.rerank.diffusion import knn_graph
-            from index.rerank.kreciprocal import flat_search_fn
+            from index.rerank.neighbours import flat_search_fn
 
             self.g_search = flat_search_fn(g)
             self.graph = knn_graph(g, self.g_search, config.diffusion_k, config.diffusion_gamma)

@@ -27,42 +27,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from index.rerank.kreciprocal import (  # noqa: F401  (filtered_search_fn: re-exported, it lived here)
-    RerankConfig,
-    RerankResult,
-    SearchFn,
-    filtered_search_fn,
-    k_reciprocal_sparse,
-    union_search_fn,
-)
+from index.rerank import expansion
+from index.rerank.kreciprocal import RerankConfig, RerankResult, k_reciprocal_sparse
+from index.rerank.neighbours import SearchFn, filtered_search_fn, rescored_search_fn, union_search_fn
 
 JUNK_ITEM = "-1"
-
-
-def rescored_search_fn(search: SearchFn, vectors: np.ndarray, factor: int = 4) -> SearchFn:
-    """Search over `vectors` (n, D) float32 (e.g. DBA-augmented gallery) using the candidates of
-    `search` (a search over the original vectors with the same row numbers): factor * k
-    candidates per query, re-scored by inner product with `vectors` and re-sorted."""
-    n = len(vectors)
-
-    def search_new(x: np.ndarray, k: int):
-        k = max(1, min(k, n))
-        x = np.asarray(x, np.float32)
-        _, cand = search(x, min(n, factor * k))
-        cand = np.asarray(cand, np.int64)
-        ok = cand >= 0
-        s = np.empty(cand.shape, np.float32)
-        # gather the candidates' vectors a block of rows at a time (<= ~64 MB of gathered vectors)
-        step = max(1, (64 << 20) // max(1, cand.shape[1] * vectors.shape[1] * 4))
-        for a in range(0, len(x), step):
-            b = min(a + step, len(x))
-            s[a:b] = np.einsum("qd,qkd->qk", x[a:b], vectors[np.maximum(cand[a:b], 0)])
-        s = np.where(ok, s, -np.inf).astype(np.float32)
-        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        ids = np.take_along_axis(np.where(ok, cand, -1), top, axis=1)
-        return np.take_along_axis(s, top, axis=1), ids
-
-    return search_new
 
 
 class PreparedGallery:
@@ -76,8 +45,6 @@ class PreparedGallery:
 
     def __init__(self, gallery: np.ndarray, config: RerankConfig, gallery_search: SearchFn,
                  gallery_keep: np.ndarray | None = None, rescore_factor: int = 4):
-        from index.rerank import expansion
-
         keep = None if gallery_keep is None else np.asarray(gallery_keep, bool)
         if keep is not None and keep.shape != (len(gallery),):
             raise ValueError(f"gallery_keep has shape {keep.shape}, expected ({len(gallery)},)")
@@ -101,8 +68,6 @@ class PreparedGallery:
 
     def rerank(self, query: np.ndarray) -> RerankResult:
         """RerankResult for query (Q, D) float32: ids = gallery rows, (Q, min(topk, kept G))."""
-        from index.rerank import expansion
-
         config, g, search, rows = self.config, self.g, self.search, self.rows
         methods = set(config.methods)
         q = np.ascontiguousarray(query, np.float32)

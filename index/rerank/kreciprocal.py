@@ -35,9 +35,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-"""search_fn(x (n, D) float32, k) -> (scores (n, k) float32 inner products, higher is nearer;
-ids (n, k) int64 row numbers in the searched set, -1 where fewer than k were found)."""
+from index.rerank import expansion
+from index.rerank.neighbours import SearchFn, filtered_search_fn, flat_search_fn, union_search_fn
 
 METHODS = ("none", "kreciprocal", "aqe", "alpha-qe", "dba", "diffusion")
 
@@ -350,79 +349,6 @@ class RerankResult:
         return out
 
 
-def flat_search_fn(vectors: np.ndarray, batch: int = 8192) -> SearchFn:
-    """Exact inner-product search over `vectors` (n, D) float32 with faiss.IndexFlatIP."""
-    import faiss
-
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, np.float32))
-
-    def search(x: np.ndarray, k: int):
-        k = min(k, index.ntotal)
-        scores = np.empty((len(x), k), np.float32)
-        ids = np.empty((len(x), k), np.int64)
-        for rows in _row_chunks(len(x), batch):
-            scores[rows], ids[rows] = index.search(np.ascontiguousarray(x[rows], np.float32), k)
-        return scores, ids
-
-    return search
-
-
-def union_search_fn(query: np.ndarray, gallery_search: SearchFn) -> SearchFn:
-    """A search over the union [query; gallery] from a search over the gallery alone (e.g. the
-    sharded gallery index): the queries are searched exactly, ids >= Q are gallery row + Q."""
-    q_search = flat_search_fn(query)
-    n_q = len(query)
-
-    def search(x: np.ndarray, k: int):
-        qs, qi = q_search(x, k)
-        gs, gi = gallery_search(x, k)
-        scores = np.concatenate([qs, gs], axis=1)
-        ids = np.concatenate([qi, np.where(gi >= 0, gi + n_q, -1)], axis=1)
-        scores = np.where(ids >= 0, scores, -np.inf)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, top, axis=1), np.take_along_axis(ids, top, axis=1)
-
-    return search
-
-
-def filtered_search_fn(search: SearchFn, keep: np.ndarray, growth: int = 4) -> SearchFn:
-    """A search over the kept rows only, from a search over all G rows.
-
-    search(x, k) -> (scores, ids) over G rows; keep: (G,) bool. The returned search answers
-    with ids renumbered 0..K-1 in kept order (K = keep.sum()), -1 / -inf where fewer than k
-    kept rows exist. Rows whose list the filter leaves short are searched again with
-    `growth` times more neighbours until full or the whole gallery was listed."""
-    keep = np.asarray(keep, bool)
-    g = len(keep)
-    new_id = np.full(g, -1, np.int64)
-    new_id[keep] = np.arange(int(keep.sum()))
-    n_keep = int(keep.sum())
-
-    def search_kept(x: np.ndarray, k: int):
-        k = max(1, min(k, n_keep))
-        out_s = np.full((len(x), k), -np.inf, np.float32)
-        out_i = np.full((len(x), k), -1, np.int64)
-        todo = np.arange(len(x))
-        fetch = min(g, k + max(16, k))
-        while len(todo):
-            sc, ids = search(np.ascontiguousarray(x[todo], np.float32), fetch)
-            sc, ids = np.asarray(sc, np.float32), np.asarray(ids, np.int64)
-            mapped = np.where(ids >= 0, new_id[np.maximum(ids, 0)], -1)
-            ok = mapped >= 0
-            order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # kept entries first, in rank order
-            got = np.take_along_axis(ok, order, axis=1)
-            done = (got.sum(axis=1) >= k) | (fetch >= g) | (ids[:, -1] < 0)
-            rows = todo[done]
-            out_i[rows] = np.where(got, np.take_along_axis(mapped, order, axis=1), -1)[done]
-            out_s[rows] = np.where(got, np.take_along_axis(sc, order, axis=1), -np.inf)[done]
-            todo = todo[~done]
-            fetch = min(g, fetch * growth)
-        return out_s, out_i
-
-    return search_kept
-
-
 def _self_first(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Neighbour lists with the point itself at position 0, as an exact ranking has it (an
     approximate index may miss it, and duplicates may come before it)."""
@@ -695,8 +621,6 @@ def rerank(query: np.ndarray, gallery: np.ndarray, config: RerankConfig,
     k-reciprocal or diffusion 2 - 2 cos of the (expanded) vectors; `certified` is all True
     except where k-reciprocal says otherwise.
     """
-    from index.rerank import expansion
-
     methods = set(config.methods)
     keep = _keep_rows(gallery_keep, len(gallery))
     rows = np.flatnonzero(keep) if keep is not None else np.arange(len(gallery))

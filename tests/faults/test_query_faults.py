@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from index.ann.build import BuildConfig, build_index
-from index.rerank.kreciprocal import RerankConfig, flat_search_fn, rerank
+from index.rerank.kreciprocal import RerankConfig, rerank
+from index.rerank.neighbours import flat_search_fn
 from index.rerank.backends import rerank_with_search
 from contracts.results import read_results
 from index.ann.search import open_index

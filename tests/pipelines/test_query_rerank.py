@@ -6,14 +6,10 @@ from contracts.results import read_ranked_lists, read_results, results_metadata
 from contracts.vectors import l2_normalize, make_embeddings_table, write_table_atomic
 from index.ann.build import BuildConfig, build_index
 from index.ann.search import open_index
-from index.rerank.backends import (
-    filtered_search_fn,
-    load_index_vectors,
-    rerank_with_search,
-    rescored_search_fn,
-)
+from index.rerank.backends import load_index_vectors, rerank_with_search
 from index.rerank.expansion import query_expansion
 from index.rerank.kreciprocal import RerankConfig, k_reciprocal_from_embeddings
+from index.rerank.neighbours import filtered_search_fn, rescored_search_fn
 from pipelines import query
 from pipelines._cli import run_main
 

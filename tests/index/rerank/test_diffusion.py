@@ -233,7 +233,8 @@ def test_fill_with_original_completes_lists_in_cosine_order():
 
 def test_rerank_with_search_diffusion_matches_dense_solve(small):
     from index.rerank.backends import rerank_with_search, result_scores
-    from index.rerank.kreciprocal import RerankConfig, flat_search_fn
+    from index.rerank.kreciprocal import RerankConfig
+    from index.rerank.neighbours import flat_search_fn
 
     g, q = small
     g, q = g.astype(np.float32), q.astype(np.float32)
@@ -257,7 +258,7 @@ def test_rerank_with_search_diffusion_matches_dense_solve(small):
 
 def test_truncated_form_used_above_full_max(small):
     from index.rerank.diffusion import diffusion_rerank, knn_graph
-    from index.rerank.kreciprocal import flat_search_fn
+    from index.rerank.neighbours import flat_search_fn
 
     g, q = small
     g, q = g.astype(np.float32), q.astype(np.float32)
