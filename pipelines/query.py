@@ -7,7 +7,7 @@ Reads the queries in batches (embeddings Parquet: query_id = image_id), searches
 writes OUT/part-NNNNN.parquet (query_id, rank, item_id, image_id, score) atomically.
 
 Re-ranking (--rerank kreciprocal|aqe|alpha-qe|dba, comma-combinable) works from the index's own
-neighbour lists (index.rerank.backends): the sharded index is the search function for the queries'
+neighbour lists (index.rerank.chain with IndexBackend): the sharded index is the search function for the queries'
 and the gallery's neighbours, and the gallery vectors needed for distances and means are the
 index version's source vectors (manifest "source", or --gallery-vectors), checked id by id
 against the index. All queries are re-ranked together (k-reciprocal compares queries with each
@@ -139,7 +139,8 @@ def answer_reranked(index, args, config, meta) -> int:
 
     import numpy as np
 
-    from index.rerank.backends import PreparedGallery, load_index_vectors, result_scores
+    from index.rerank.backends import load_index_vectors, result_scores
+    from index.rerank.chain import IndexBackend, PreparedGallery
     from contracts.results import ResultsWriter, make_results_table
 
     t0 = time.perf_counter()
@@ -159,7 +160,7 @@ def answer_reranked(index, args, config, meta) -> int:
         hits = index.search(x, k, labels=False)
         return hits.scores, hits.ids
 
-    prepared = PreparedGallery(gallery, config, search, keep)
+    prepared = PreparedGallery(gallery, config, IndexBackend(search), keep)
     meta["score"] = "negated k-reciprocal distance" if "kreciprocal" in config.methods else \
         "negated diffusion distance" if "diffusion" in config.methods else "cosine of the expanded vectors"
     n = 0

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 
 from index.evaluation import metrics as M
+from index.rerank.chain import RerankConfig, rerank
 from index.rerank.kreciprocal import (
-    RerankConfig,
     expansion_weights,
     k_reciprocal_exact,
     k_reciprocal_from_embeddings,
     k_reciprocal_sparse,
     local_query_expansion,
-    rerank,
 )
 from index.rerank.neighbours import flat_search_fn, union_search_fn
 
