@@ -61,28 +61,3 @@ def rerank_config(methods_text: str, args, topk: int | None = None):
     except ValueError as e:  # the dataclass names its fields; the user typed flags
         raise ValueError(re.sub(r"\b(" + "|".join(PARAMETERS) + r")\b", lambda m: _flag(m.group(1)),
                                 str(e))) from None
-
-
-def method_name(config) -> str | None:
-    """The report's "rerank" value: the methods joined by ",", or None for none."""
-    return None if config.methods == ("none",) else ",".join(config.methods)
-
-
-def rerank_params(config) -> dict:
-    """The parameters that matter for the chosen methods (what a report records)."""
-    m = set(config.methods)
-    out = {}
-    if "kreciprocal" in m:
-        out.update(k1=config.k1, k2=config.k2, lambda_value=config.lambda_value,
-                   max_distance=config.max_distance)
-    if "aqe" in m or "alpha-qe" in m:
-        out["qe_n"] = config.qe_n
-    if "alpha-qe" in m:
-        out["alpha"] = config.alpha
-    if "dba" in m:
-        out.update(dba_n=config.dba_n, dba_alpha=config.dba_alpha)
-    if "diffusion" in m:
-        out.update(diffusion_k=config.diffusion_k, diffusion_alpha=config.diffusion_alpha,
-                   diffusion_gamma=config.diffusion_gamma, diffusion_query_k=config.diffusion_query_k,
-                   diffusion_truncate=config.diffusion_truncate)
-    return out

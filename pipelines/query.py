@@ -23,7 +23,7 @@ import argparse
 from dataclasses import replace
 
 from pipelines._cli import add_ray_arguments, init_ray, run_main
-from pipelines._rerank import add_rerank_arguments, method_name, rerank_config, rerank_params
+from pipelines._rerank import add_rerank_arguments, rerank_config
 
 
 def parse_args(argv=None):
@@ -51,7 +51,13 @@ def query_batches(index, queries_path: str, batch_size: int, split: str | None =
     import numpy as np
     import pyarrow as pa
 
-    from contracts.vectors import VectorFileError, check_unique_file, iter_vector_batches, open_dataset, read_metadata
+    from contracts.vectors import (
+        VectorFileError,
+        check_unique_file,
+        iter_vector_batches,
+        open_dataset,
+        read_metadata,
+    )
 
     ds = open_dataset(queries_path)
     if "image_id" not in ds.schema.names:
@@ -95,6 +101,7 @@ def main(argv=None) -> int:
     config = rerank_config(args.rerank, args, topk=args.k)
     from contracts.results import ResultsWriter, make_results_table
     from index.ann.search import open_index
+    from index.rerank.chain import method_name, rerank_params
 
     if args.ray:
         init_ray(args.address, args.num_cpus)
@@ -139,9 +146,9 @@ def answer_reranked(index, args, config, meta) -> int:
 
     import numpy as np
 
+    from contracts.results import ResultsWriter, make_results_table
     from index.rerank.backends import load_index_vectors, result_scores
     from index.rerank.chain import IndexBackend, PreparedGallery
-    from contracts.results import ResultsWriter, make_results_table
 
     t0 = time.perf_counter()
     batches = query_batches(index, args.queries, args.batch_size, args.split)

@@ -28,7 +28,8 @@ from index.rerank.neighbours import (
     union_search_fn,
 )
 
-__all__ = ["METHODS", "FlatBackend", "IndexBackend", "PreparedGallery", "RerankConfig", "rerank"]
+__all__ = ["METHODS", "FlatBackend", "IndexBackend", "PreparedGallery", "RerankConfig", "method_name", "rerank",
+           "rerank_params"]
 
 METHODS = ("none", "kreciprocal", "aqe", "alpha-qe", "dba", "diffusion")
 MAX_DISTANCE_NAMES = ("auto", "search", "sample")
@@ -124,6 +125,31 @@ def _check_max_distance(value) -> str | float:
     if not number > 0:
         raise ValueError(f"max_distance must be > 0, got {value}")
     return number
+
+
+def method_name(config) -> str | None:
+    """The report's "rerank" value: the methods joined by ",", or None for none."""
+    return None if config.methods == ("none",) else ",".join(config.methods)
+
+
+def rerank_params(config) -> dict:
+    """The parameters that matter for the chosen methods (what a report records)."""
+    m = set(config.methods)
+    out = {}
+    if "kreciprocal" in m:
+        out.update(k1=config.k1, k2=config.k2, lambda_value=config.lambda_value,
+                   max_distance=config.max_distance)
+    if "aqe" in m or "alpha-qe" in m:
+        out["qe_n"] = config.qe_n
+    if "alpha-qe" in m:
+        out["alpha"] = config.alpha
+    if "dba" in m:
+        out.update(dba_n=config.dba_n, dba_alpha=config.dba_alpha)
+    if "diffusion" in m:
+        out.update(diffusion_k=config.diffusion_k, diffusion_alpha=config.diffusion_alpha,
+                   diffusion_gamma=config.diffusion_gamma, diffusion_query_k=config.diffusion_query_k,
+                   diffusion_truncate=config.diffusion_truncate)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
