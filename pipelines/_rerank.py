@@ -15,9 +15,9 @@ PARAMETERS = {
     "k1": (int, "k-reciprocal: k1"),
     "k2": (int, "k-reciprocal: k2, local query expansion"),
     "lambda_value": (float, "k-reciprocal: weight of the original distance"),
-    "max_distance": (str, "k-reciprocal, scalable form: each point's largest distance (the row "
-                          "normaliser): search = a farthest-point search per point, sample = over "
-                          "8,192 sampled points, auto = search up to 20,000 points, else sample; or a number"),
+    "max_distance": (str, ("k-reciprocal, scalable form: each point's largest distance (the row "
+                           "normaliser): search = a farthest-point search per point, sample = over "
+                           "8,192 sampled points, auto = search up to 20,000 points, else sample; or a number")),
     "qe_n": (int, "AQE / alpha-QE: gallery neighbours averaged"),
     "alpha": (float, "alpha-QE: similarity exponent"),
     "dba_n": (int, "DBA: neighbours averaged per gallery vector"),

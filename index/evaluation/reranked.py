@@ -31,8 +31,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from index.evaluation import metrics as M
+from index.evaluation.protocol import check_compatible, label_codes
 from index.rerank.chain import FlatBackend, PreparedGallery, RerankConfig
-from index.rerank.kreciprocal import k_reciprocal_from_embeddings
+from index.rerank.diffusion import conjugate_gradient, query_vector_block
+from index.rerank.kreciprocal import (
+    farthest_in_sample,
+    k_reciprocal_from_embeddings,
+    resolve_max_distance,
+)
 
 DENSE_MAX = 20_000
 JUNK_ITEM = M.JUNK_ITEM
@@ -141,8 +147,6 @@ class _Scorer:
     def _diffusion_scores(self, rows: np.ndarray, cos: np.ndarray) -> np.ndarray:
         """Diffusion on the whole gallery graph (index.rerank.diffusion, online form): nodes the query
         reaches rank first by their diffusion score f > 0, the rest after them by cosine."""
-        from index.rerank.diffusion import conjugate_gradient, query_vector_block
-
         c = self.config
         sims, ids = self.g_search(self.q[rows], min(c.diffusion_query_k, len(self.rows)))
         y = query_vector_block(ids, sims, self.graph.n, c.diffusion_gamma, c.diffusion_query_k)
@@ -157,8 +161,6 @@ class _Scorer:
 
 def _farthest(q: np.ndarray, g: np.ndarray, max_distance, chunk: int = 2048) -> np.ndarray:
     """Each query's row normaliser as k_reciprocal_sparse computes it: (Q,) float32."""
-    from index.rerank.kreciprocal import farthest_in_sample, resolve_max_distance
-
     max_distance = resolve_max_distance(max_distance, len(q) + len(g))
     if max_distance == "sample":
         return np.maximum(farthest_in_sample(np.concatenate([q, g]), sample_size=8192)[:len(q)], 1e-12)
@@ -202,8 +204,6 @@ def evaluate_ranked(query, gallery, mode: str, config: RerankConfig | None = Non
     "centroid" mode after re-ranking by `config` (None or methods ("none",): plain cosine).
     sample_rows: query rows whose top `top_n` list is returned (RankedEvaluation.samples).
     form: k-reciprocal form, "auto" (dense up to `dense_max` gallery vectors), "dense", "sparse"."""
-    from index.evaluation.protocol import check_compatible, label_codes
-
     if mode not in ("instance", "centroid"):
         raise ValueError(f"unknown mode {mode!r}: choose instance or centroid")
     check_compatible(query, gallery)

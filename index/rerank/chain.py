@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from index.rerank import expansion
+from index.rerank.diffusion import diffusion_rerank, knn_graph
 from index.rerank.kreciprocal import RerankResult, k_reciprocal_sparse
 from index.rerank.neighbours import (
     SearchFn,
@@ -65,9 +66,8 @@ class RerankConfig:
     diffusion_truncate: int = 1000
 
     def __post_init__(self):
-        if isinstance(self.methods, str):
-            raise ValueError(f"methods must be a tuple of names, got the text {self.methods!r}: "
-                             "use RerankConfig.parse_methods")
+        if isinstance(self.methods, str):  # "dba,aqe": the CLI's form
+            self.methods = RerankConfig.parse_methods(self.methods)
         self.methods = _check_methods(tuple(self.methods))
         if self.k1 < 1 or self.k2 < 1:
             raise ValueError(f"k1 and k2 must be >= 1, got {self.k1}, {self.k2}")
@@ -224,8 +224,6 @@ class PreparedGallery:
     def graph(self):
         """The diffusion kNN graph of the (augmented) gallery (index.rerank.diffusion.Graph)."""
         if self._graph is None:
-            from index.rerank.diffusion import knn_graph
-
             self._graph = knn_graph(self.vectors, self.search, self.config.diffusion_k,
                                     self.config.diffusion_gamma)
         return self._graph
@@ -247,8 +245,6 @@ class PreparedGallery:
                                        candidates=config.candidates, max_distance=config.max_distance,
                                        search_fn=union_search_fn(q, search), gallery_search_fn=search)
         if "diffusion" in config.methods:
-            from index.rerank.diffusion import diffusion_rerank
-
             scores, ids = diffusion_rerank(q, g, search, config.topk, config.diffusion_k,
                                            config.diffusion_alpha, config.diffusion_gamma,
                                            config.diffusion_query_k, config.diffusion_truncate,

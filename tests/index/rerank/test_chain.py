@@ -13,7 +13,7 @@ from pipelines._rerank import add_rerank_arguments, rerank_config
     ({"methods": ("kreciprocl",)}, "unknown re-ranking method 'kreciprocl'"),
     ({"methods": ("aqe", "alpha-qe")}, "one of aqe and alpha-qe"),
     ({"methods": ()}, "methods is empty"),
-    ({"methods": "kreciprocal"}, "tuple of names"),
+    ({"methods": "kreciprocl,aqe"}, "unknown re-ranking method 'kreciprocl'"),
     ({"k1": 0}, "k1 and k2"),
     ({"k2": 0}, "k1 and k2"),
     ({"lambda_value": 1.5}, "lambda_value"),
