@@ -78,7 +78,7 @@ def make_search(vectors: np.ndarray, kind: str, nlist: int, nprobe: int):
     """Search function over `vectors` and the seconds it took to build."""
     import faiss
 
-    from index.rerank.kreciprocal import flat_search_fn
+    from index.rerank.neighbours import flat_search_fn
 
     t = time.perf_counter()
     if kind == "flat":

@@ -7,35 +7,38 @@ temporary name, renames it complete, then points ROOT/NAME/CURRENT at it (unless
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
-import argparse
 import json
 
-from pipelines._cli import run_main
+from pipelines._cli import make_parser, run_main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from index.ann.build import BuildConfig
+
+    d = BuildConfig()  # the defaults are the dataclass's
+    p = make_parser(__doc__)
     p.add_argument("--vectors", required=True,
                    help="embeddings or centroids Parquet file or directory (local or pyarrow URI)")
     p.add_argument("--root", required=True, help="index root directory (local / mounted filesystem)")
     p.add_argument("--name", required=True, help="index name: versions live in ROOT/NAME/")
-    p.add_argument("--shards", type=int, default=1, help="number of shards (by blake2b(item_id)); default 1")
-    p.add_argument("--index-type", default="auto",
+    p.add_argument("--shards", type=int, default=d.shards,
+                   help=f"number of shards (by blake2b(item_id)); default {d.shards}")
+    p.add_argument("--index-type", default=d.index_type,
                    help="auto (autofaiss-style choice), flat, hnsw, ivf, ivfpq, or a FAISS factory "
                         "string such as 'IVF4096,Flat' (default auto)")
-    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+    p.add_argument("--max-memory", type=float, default=d.max_memory_gb, metavar="GB",
                    help="memory budget in GiB for all shards' indexes; auto switches to OPQ+IVF+PQ "
                         "above it (default: no limit)")
-    p.add_argument("--target-recall", type=float, default=0.95,
-                   help="recall@10 vs exact search that nprobe/efSearch are tuned to (default 0.95)")
-    p.add_argument("--eval-queries", type=int, default=1000,
-                   help="sampled vectors used as held-out queries for tuning (default 1000)")
-    p.add_argument("--batch-size", type=int, default=65536, help="vectors read per batch (default 65536)")
+    p.add_argument("--target-recall", type=float, default=d.target_recall,
+                   help="recall@10 vs exact search that nprobe/efSearch are tuned to (default %(default)s)")
+    p.add_argument("--eval-queries", type=int, default=d.eval_queries,
+                   help="sampled vectors used as held-out queries for tuning (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="vectors read per batch (default %(default)s)")
     p.add_argument("--version", default=None, help="version name (default: UTC timestamp + random suffix)")
     p.add_argument("--no-publish", action="store_true", help="write the version but leave CURRENT alone")
     p.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto",
                    help="GPU k-means training (auto: when faiss sees a GPU)")
-    p.add_argument("--seed", type=int, default=0, help="sampling / k-means seed (default 0)")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling / k-means seed (default %(default)s)")
     p.add_argument("--whiten", default=None, metavar="FILE.npz",
                    help="PCA-whitening fitted by pipelines/whiten.py: every vector is whitened and "
                         "re-normalised, the file is stored with the version, and query.py whitens "

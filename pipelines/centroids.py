@@ -19,12 +19,11 @@ import argparse
 import math
 import time
 
-from pipelines._cli import add_ray_arguments, init_ray, run_main
+from pipelines._cli import add_ray_arguments, init_ray, make_parser, run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--embeddings", required=True,
                    help="embeddings Parquet file or directory (the embeddings contract)")
     p.add_argument("--out", required=True,

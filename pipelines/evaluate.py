@@ -8,7 +8,7 @@ Re-ranking: --rerank none|kreciprocal|aqe|alpha-qe|dba|diffusion (comma-combinab
 is evaluated and gets its own report). Junk ("-1") takes no part. k-reciprocal uses the exact
 dense form for galleries up to --dense-max vectors and the scalable sparse form above (the report
 says which in "rerank_form"). In centroid mode each query camera's centroid gallery is re-ranked
-with that camera's queries (index/rerank_eval.py).
+with that camera's queries (index/evaluation/reranked.py; the loop: index/evaluation/run.py).
 
 Pictures: --report DIR writes DIR/report.json, cmc.png, ranked_<mode>_<rerank>.png for --samples
 queries and index.html; --images (shards dir, manifest Parquet or dataset root) supplies the images:
@@ -19,14 +19,13 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 
 import argparse
 import json
-import time
 
-from pipelines._cli import run_main
-from pipelines._rerank import add_rerank_arguments, method_name, rerank_config, rerank_params
+from pipelines._cli import make_parser, run_main
+from pipelines._rerank import add_rerank_arguments, rerank_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--query", required=True, help="query embeddings (Parquet file or directory)")
     p.add_argument("--gallery", default=None, help="gallery embeddings (Parquet file or directory)")
     p.add_argument("--results", default=None,
@@ -66,11 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from index.evaluation import metrics as M
-    from index.evaluation.protocol import format_report, label_codes, make_report
-    from index.evaluation.reranked import choose_sample_rows, evaluate_ranked, is_reranked
     from contracts.storage import write_text_atomic
-    from contracts.vectors import read_vectors
+    from index.evaluation.protocol import format_report
+    from index.evaluation.reranked import is_reranked
+    from index.evaluation.run import evaluate_files
 
     if args.chunk is not None and args.chunk < 1:
         raise ValueError("--chunk must be >= 1")
@@ -87,60 +85,19 @@ def main(argv=None) -> int:
         raise ValueError("give --gallery (embeddings), or --results with --gallery-labels")
     if args.images and not args.report:
         raise ValueError("--images is for the --report pictures")
-    t0 = time.perf_counter()
-    query = read_vectors(args.query, kind="embeddings", split=args.query_split)
-    gallery = read_vectors(args.gallery, kind="embeddings", split=args.gallery_split)
-    print(f"loaded {len(query)} queries, {len(gallery)} gallery images (D={gallery.meta.dim}) "
-          f"in {time.perf_counter() - t0:.1f}s", flush=True)
     modes = ["instance", "centroid"] if args.mode == "both" else [args.mode]
-    sample_rows = []
-    if args.report and len(query) and len(gallery):
-        sample_rows = choose_sample_rows(label_codes(query, gallery), args.samples)
-    reports, curves, ranked = [], {}, {}
-    for mode in modes:
-        for config in configs:
-            t1 = time.perf_counter()
-            ev = evaluate_ranked(query, gallery, mode, config, args.chunk, sample_rows,
-                                 dense_max=args.dense_max, form=args.rerank_form)
-            extra = {}
-            if is_reranked(config):
-                extra = {"rerank_params": rerank_params(config)}
-                if ev.form:  # k-reciprocal: "dense" (exact) or "sparse" (scalable)
-                    extra["rerank_form"] = ev.form
-            report = make_report(ev.per_query, mode, rerank=method_name(config), **extra)
-            reports.append(report)
-            print(f"{mode} {method_name(config) or 'none'}: scored in {time.perf_counter() - t1:.1f}s", flush=True)
-            if args.report:
-                from index.evaluation.report import report_label, report_slug
-
-                curves[report_label(report)] = M.cmc_curve(ev.per_query, 50)
-                ranked[report_slug(report)] = ranked_rows(ev.samples, query, gallery)
-    print(format_report(reports))
-    payload = reports if len(reports) > 1 else reports[0]
+    run = evaluate_files(args.query, args.gallery, modes, configs, args.query_split, args.gallery_split,
+                         log=lambda line: print(line, flush=True), chunk=args.chunk,
+                         pictures=bool(args.report), samples=args.samples, dense_max=args.dense_max,
+                         form=args.rerank_form)
+    print(format_report(run.reports))
+    payload = run.reports if len(run.reports) > 1 else run.reports[0]
     if args.out:
         write_text_atomic(args.out, json.dumps(payload, indent=2) + "\n")
         print(f"report: {args.out}")
     if args.report:
-        write_report_dir(args, reports, curves, ranked, query, gallery)
+        write_report_dir(args, run.reports, run.curves, run.ranked, run.query, run.gallery)
     return 0
-
-
-def ranked_rows(samples, query, gallery):
-    """RankedSample (ids as rows) -> index.evaluation.report.RankedRow (image ids and captions)."""
-    from index.evaluation.report import RankedRow, Tile
-
-    def cam(table, row):
-        return "" if table.camera_ids is None else f" c{table.camera_ids[row]}"
-
-    rows = []
-    for s in samples:
-        q = Tile(query.image_ids[s.query_row], f"{query.item_ids[s.query_row]}{cam(query, s.query_row)}", "query")
-        tiles = []
-        for g_row, item, status, score in zip(s.gallery_rows, s.items, s.status, s.scores):
-            image = gallery.image_ids[g_row] if g_row >= 0 else None
-            tiles.append(Tile(image, f"{item}{cam(gallery, g_row) if g_row >= 0 else ''}\n{score:.3f}", status))
-        rows.append(RankedRow(q, tiles))
-    return rows
 
 
 def write_report_dir(args, reports, curves, ranked, query, gallery) -> None:
@@ -166,14 +123,14 @@ def write_report_dir(args, reports, curves, ranked, query, gallery) -> None:
 def evaluate_results(args) -> int:
     import pyarrow.dataset as pads
 
+    from contracts.storage import write_text_atomic
+    from contracts.vectors import camera_array, open_dataset
     from index.evaluation.protocol import (
         format_report,
         make_report,
         per_query_metrics_from_results,
         results_scoring,
     )
-    from contracts.storage import write_text_atomic
-    from contracts.vectors import camera_array, open_dataset
 
     if not args.gallery_labels:
         raise ValueError("--results needs --gallery-labels (image_id, item_id[, camera_id] of the gallery)")

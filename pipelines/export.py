@@ -8,13 +8,12 @@ model id). Both appear complete or not at all.
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
-import argparse
 
-from pipelines._cli import add_log_arguments, run_main
+from pipelines._cli import add_log_arguments, make_parser, run_main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--model", required=True, metavar="MODEL_DIR", help="model directory (model.pt + config.json)")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="export format")
     p.add_argument("--out", required=True, metavar="FILE", help="output file (FILE.json is written beside it)")

@@ -7,7 +7,7 @@ Reads the queries in batches (embeddings Parquet: query_id = image_id), searches
 writes OUT/part-NNNNN.parquet (query_id, rank, item_id, image_id, score) atomically.
 
 Re-ranking (--rerank kreciprocal|aqe|alpha-qe|dba, comma-combinable) works from the index's own
-neighbour lists (index.rerank.backends): the sharded index is the search function for the queries'
+neighbour lists (index.rerank.chain with IndexBackend): the sharded index is the search function for the queries'
 and the gallery's neighbours, and the gallery vectors needed for distances and means are the
 index version's source vectors (manifest "source", or --gallery-vectors), checked id by id
 against the index. All queries are re-ranked together (k-reciprocal compares queries with each
@@ -19,15 +19,14 @@ Junk gallery items ("-1") take no part in re-ranking.
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
-import argparse
 from dataclasses import replace
 
-from pipelines._cli import add_ray_arguments, init_ray, run_main
-from pipelines._rerank import add_rerank_arguments, method_name, rerank_config, rerank_params
+from pipelines._cli import add_ray_arguments, init_ray, make_parser, run_main
+from pipelines._rerank import add_rerank_arguments, rerank_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--index", required=True, help="ROOT/NAME (the version CURRENT names) or a version dir")
     p.add_argument("--queries", required=True, help="query embeddings Parquet file or directory")
     p.add_argument("--k", type=int, default=100, help="results per query (default 100)")
@@ -51,7 +50,13 @@ def query_batches(index, queries_path: str, batch_size: int, split: str | None =
     import numpy as np
     import pyarrow as pa
 
-    from contracts.vectors import VectorFileError, check_unique_file, iter_vector_batches, open_dataset, read_metadata
+    from contracts.vectors import (
+        VectorFileError,
+        check_unique_file,
+        iter_vector_batches,
+        open_dataset,
+        read_metadata,
+    )
 
     ds = open_dataset(queries_path)
     if "image_id" not in ds.schema.names:
@@ -95,6 +100,7 @@ def main(argv=None) -> int:
     config = rerank_config(args.rerank, args, topk=args.k)
     from contracts.results import ResultsWriter, make_results_table
     from index.ann.search import open_index
+    from index.rerank.chain import method_name, rerank_params
 
     if args.ray:
         init_ray(args.address, args.num_cpus)
@@ -139,8 +145,9 @@ def answer_reranked(index, args, config, meta) -> int:
 
     import numpy as np
 
-    from index.rerank.backends import PreparedGallery, load_index_vectors, result_scores
     from contracts.results import ResultsWriter, make_results_table
+    from index.rerank.backends import load_index_vectors, result_scores
+    from index.rerank.chain import IndexBackend, PreparedGallery
 
     t0 = time.perf_counter()
     batches = query_batches(index, args.queries, args.batch_size, args.split)
@@ -159,7 +166,7 @@ def answer_reranked(index, args, config, meta) -> int:
         hits = index.search(x, k, labels=False)
         return hits.scores, hits.ids
 
-    prepared = PreparedGallery(gallery, config, search, keep)
+    prepared = PreparedGallery(gallery, config, IndexBackend(search), keep)
     meta["score"] = "negated k-reciprocal distance" if "kreciprocal" in config.methods else \
         "negated diffusion distance" if "diffusion" in config.methods else "cosine of the expanded vectors"
     n = 0

@@ -26,16 +26,9 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 import argparse
 import os
 
-from pipelines._cli import add_ray_arguments, init_ray, run_main
+from pipelines._cli import add_ray_arguments, init_ray, make_parser, run_main
 
 KILL_ENV = "CR_REINDEX_KILL_AFTER"  # crash tests: SIGKILL this process after the named step
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments become a one-line `error: ...` with exit 2 (via run_main)."""
-
-    def error(self, message):
-        raise ValueError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from index.nightly.runner import INDEX_KINDS, ReindexConfig
 
     d = {f.name: f.default for f in fields(ReindexConfig)}  # the defaults live in the config
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--gallery-manifest", required=True,
                    help="manifest Parquet of the gallery (rows of --split are used)")
     p.add_argument("--root", default=None,

@@ -13,14 +13,14 @@ gallery pictures come from --gallery-images (shards dir, manifest Parquet or dat
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
-import argparse
 
-from pipelines._cli import add_log_arguments, log_options, run_main
-from pipelines._rerank import add_rerank_arguments, method_name, rerank_config, rerank_params
+from pipelines._cli import add_log_arguments, log_options, make_parser, run_main
+from index.rerank.chain import method_name, rerank_params
+from pipelines._rerank import add_rerank_arguments, rerank_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--index", required=True, help="ROOT/NAME (the version CURRENT names) or a version dir")
     p.add_argument("--images", required=True, nargs="+", metavar="PATH",
                    help="image files, folders (recursive) or text/CSV lists of image paths")

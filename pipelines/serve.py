@@ -11,13 +11,12 @@ verification is never loaded. Runs on the embedded Ray, or a cluster with --addr
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
-import argparse
 
-from pipelines._cli import add_log_arguments, add_ray_arguments, init_ray, run_main
+from pipelines._cli import add_log_arguments, add_ray_arguments, init_ray, make_parser, run_main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--index", required=True, help="ROOT/NAME (follows its CURRENT file)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -43,7 +43,7 @@ class SearchHandler:
             self.gallery = GalleryImages(gallery_images, self.follower.engine.image_ids)
 
     def rerank_config(self, rerank: str, k: int):
-        from index.rerank.kreciprocal import RerankConfig
+        from index.rerank.chain import RerankConfig
 
         try:
             methods = RerankConfig.parse_methods(rerank or "none")

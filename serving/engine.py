@@ -131,7 +131,8 @@ class SearchEngine:
             return Ranked(hits.item_ids, hits.image_ids, hits.scores, hits.valid)
         import dataclasses
 
-        from index.rerank.backends import rerank_with_search, result_scores
+        from index.rerank.backends import result_scores
+        from index.rerank.chain import rerank
 
         config = dataclasses.replace(rerank, topk=int(k))
         gallery, keep = self._gallery_vectors(gallery_vectors)
@@ -141,7 +142,7 @@ class SearchEngine:
             return hits.scores, hits.ids
 
         q = self.index.check_queries(vectors, self.model_id)
-        result = rerank_with_search(q, gallery, config, search, keep)
+        result = rerank(q, gallery, config, keep, search=search)
         items, images = self.index.lookup(result.ids)
         return Ranked(items, images, result_scores(result, config), result.ids >= 0)
 

@@ -84,6 +84,21 @@ class BuildConfig:
     whitening: str | None = None  # a fitted PCA-whitening .npz (pipelines/whiten.py) applied
     whiten_dim: int | None = None  # to every vector and stored with the version; None = its dim
 
+    def __post_init__(self):
+        for name in ("shards", "batch_size", "eval_queries", "recall_k", "hnsw_m", "hnsw_ef_construction",
+                     "train_points_per_list", "max_train_points", "kmeans_iters", "flat_threshold",
+                     "hnsw_threshold"):
+            if getattr(self, name) < 1:
+                why = (": the recorded recall (and nprobe / efSearch) is measured on them"
+                       if name == "eval_queries" else "")
+                raise IndexBuildError(f"{name} must be >= 1, got {getattr(self, name)}{why}")
+        if not 0 < self.target_recall <= 1:
+            raise IndexBuildError(f"target recall must be in (0, 1], got {self.target_recall}")
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise IndexBuildError(f"max_memory_gb must be > 0 or None, got {self.max_memory_gb}")
+        if self.whiten_dim is not None and self.whiten_dim < 1:
+            raise IndexBuildError(f"whiten_dim must be >= 1 or None, got {self.whiten_dim}")
+
 
 @dataclass
 class BuildResult:
@@ -370,30 +385,76 @@ def _recall_record(recall: float | None, cfg: BuildConfig, n_eval: int) -> dict:
 def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConfig(),
                 publish: bool = True, version: str | None = None, progress=None,
                 model_dir: str | None = None) -> BuildResult:
-    """Build a new version of ``root/name`` from the Parquet file/dir `vectors`.
-
-    model_dir: the model directory the vectors were embedded with, recorded in the manifest
-    ("model_dir") so that image search and the service embed queries with that same model.
+    """Build a new version of ``root/name`` from the Parquet file/dir `vectors`: the six steps
+    of the module docstring, one function each. model_dir: the model directory that made the
+    vectors, recorded in the manifest (image search and serving embed queries with it).
 
     Returns a BuildResult; with publish=True CURRENT points at the new version afterwards.
     Raises IndexBuildError / VectorFileError on bad input; nothing is left behind on error.
     """
-    import faiss
-
     say = progress or (lambda msg: log.info(msg))
     t0 = time.perf_counter()
     timings = {}
-    if cfg.shards < 1:
-        raise IndexBuildError(f"shards must be >= 1, got {cfg.shards}")
-    if not 0 < cfg.target_recall <= 1:
-        raise IndexBuildError(f"target recall must be in (0, 1], got {cfg.target_recall}")
+    src = _open_source(vectors, cfg)  # 1.
+    gpu = _gpu_enabled(cfg)
+    say(f"{src.n_total} x {src.dim} {src.kind} -> {cfg.shards} shard(s) of {src.factory} "
+        f"({'GPU' if gpu else 'CPU'})")
+    train, eval_vecs, eval_ids = _sample(src, cfg, timings)  # 2.
+    t = time.perf_counter()
+    indexes = _train_shards(src, cfg, train, gpu)  # 3.
+    del train
+    timings["train_s"] = time.perf_counter() - t
+    home = IndexHome.of(root, name)
+    with home.new_version(version) as (ver, tmp):
+        t = time.perf_counter()
+        added = _add_vectors(src, cfg, indexes, tmp, eval_vecs, eval_ids, say if progress else None)  # 4.
+        timings["add_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        params, recall = _tune_and_complete(src, cfg, indexes, eval_vecs, eval_ids, added, say)  # 5.
+        timings["tune_s"] = time.perf_counter() - t
+        manifest = _write_version(src, cfg, indexes, tmp, ver, added.sizes, params, recall,  # 6.
+                                  len(eval_ids), gpu, t0, timings, model_dir)
+    if publish:
+        home.publish(ver)
+    say(f"version {ver} written to {home.version_dir(ver)}"
+        + (" and published" if publish else " (not published)"))
+    return BuildResult(ver, home.version_dir(ver), manifest, publish, time.perf_counter() - t0, timings)
+
+
+@dataclass
+class _Source:
+    """The vectors to index, as step 1 found them: dim / model after whitening (if any), the
+    index type chosen, and which label columns the file has."""
+
+    path: str
+    meta: object
+    kind: str
+    n_total: int
+    dim: int
+    model: str
+    whitening: object
+    factory: str
+    has_image: bool
+    has_count: bool
+
+    @property
+    def label_cols(self) -> list[str]:
+        return ["item_id"] + (["image_id"] if self.has_image else []) + (["count"] if self.has_count else [])
+
+    def batches(self, columns, batch_size: int):
+        """(labels, vectors (n, dim) float32) batches of the source, whitened when asked."""
+        for labels, vecs in iter_vector_batches(self.path, batch_size, columns=columns):
+            yield labels, (self.whitening.apply(vecs) if self.whitening is not None else vecs)
+
+
+def _open_source(vectors: str, cfg: BuildConfig) -> _Source:
+    """Step 1: count rows (Parquet metadata), check the file, choose the index type."""
+    import faiss
+
     ds, meta, kind = _vector_source(vectors)
     n_total = ds.count_rows()
     if n_total == 0:
         raise IndexBuildError(f"{vectors}: no vectors to index")
-    if cfg.eval_queries < 1:
-        raise IndexBuildError(f"eval_queries must be >= 1, got {cfg.eval_queries}: the recorded "
-                              "recall (and nprobe / efSearch) is measured on them")
     # one row per image (embeddings) or per item (centroids): a duplicate would be indexed
     # twice and answer twice (two copies of a shard: every id two rows)
     check_unique_file(vectors, kind)
@@ -403,42 +464,36 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
         from index.ann.whitening import whitened_model_id
 
         dim, model = whitening.dim, whitened_model_id(meta.model, whitening.dim)
-
-    def batches(columns):
-        """(labels, vectors) batches of the source, whitened when asked."""
-        for labels, vecs in iter_vector_batches(vectors, cfg.batch_size, columns=columns):
-            yield labels, (whitening.apply(vecs) if whitening is not None else vecs)
     factory = choose_index_type(n_total, dim, cfg.shards, cfg)
     try:
         faiss.index_factory(dim, per_shard_factory(factory), faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise IndexBuildError(f"bad index type {factory!r}: {str(e).strip().splitlines()[-1]}") from None
-    exact = is_exact(factory)
-    gpu = _gpu_enabled(cfg)
-    say(f"{n_total} x {dim} {kind} -> {cfg.shards} shard(s) of {factory} "
-        f"({'GPU' if gpu else 'CPU'})")
-
     has_image = "image_id" in ds.schema.names
     has_count = not has_image and "count" in ds.schema.names  # centroids: images per item
-    label_cols = ["item_id"] + (["image_id"] if has_image else []) + (["count"] if has_count else [])
-    rng = np.random.default_rng(cfg.seed)
+    return _Source(vectors, meta, kind, n_total, dim, model, whitening, factory, has_image, has_count)
 
-    # pass 1: training sample + evaluation queries (not needed for exact Flat)
+
+def _sample(src: _Source, cfg: BuildConfig, timings: dict):
+    """Step 2 (pass 1): training sample (approximate types only) and held-back evaluation
+    queries. Returns (train (n_train, dim) float32, eval_vecs (n_eval, dim) float32, eval_ids
+    (n_eval,) int64 ascending)."""
+    rng = np.random.default_rng(cfg.seed)
     n_train = 0
-    if is_ivf(factory):
-        nlist = int(re.search(r"IVF(\d+)", factory).group(1))
-        n_train = min(n_total, max(nlist * cfg.train_points_per_list, 10_000 if "PQ" in factory else 0),
+    if is_ivf(src.factory):
+        nlist = int(re.search(r"IVF(\d+)", src.factory).group(1))
+        n_train = min(src.n_total, max(nlist * cfg.train_points_per_list, 10_000 if "PQ" in src.factory else 0),
                       max(cfg.max_train_points, nlist * 39))
     # held back while tuning, so at most half the vectors: holding back all of a small set
     # (<= eval_queries vectors) left the shards empty ("merge_topk: no shard results").
     # Measured for exact Flat too: the manifest's recall is what a search achieved, never assumed.
-    n_eval = min(cfg.eval_queries, n_total // 2)
-    train = BottomKSample(n_train, dim, rng)
-    evalq = BottomKSample(n_eval, dim, rng)
+    n_eval = min(cfg.eval_queries, src.n_total // 2)
+    train = BottomKSample(n_train, src.dim, rng)
+    evalq = BottomKSample(n_eval, src.dim, rng)
     if n_train or n_eval:
         t = time.perf_counter()
         offset = 0
-        for _, vecs in batches([]):
+        for _, vecs in src.batches([], cfg.batch_size):
             ids = np.arange(offset, offset + len(vecs), dtype=np.int64)
             train.add(vecs, ids)
             evalq.add(vecs, ids)
@@ -446,119 +501,140 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
         timings["sample_s"] = time.perf_counter() - t
     eval_vecs = np.ascontiguousarray(evalq.vecs)
     order = np.argsort(evalq.ids)
-    eval_vecs, eval_ids = eval_vecs[order], evalq.ids[order]
+    return train.vecs, eval_vecs[order], evalq.ids[order]
+
+
+def _train_shards(src: _Source, cfg: BuildConfig, train: np.ndarray, gpu: bool) -> list:
+    """Step 3: one template trained on the sample, cloned per shard (one shared quantizer)."""
+    import faiss
+
+    template = train_template(src.factory, src.dim, train, cfg, gpu)
+    return [faiss.clone_index(template) for _ in range(cfg.shards)]
+
+
+@dataclass
+class _Added:
+    """What step 4 leaves: vectors per shard (S,) int64, the shard of each held-back
+    evaluation query (n_eval,) int64, and their exact top-(recall_k + 1) (scores, ids)."""
+
+    sizes: np.ndarray
+    eval_shard: np.ndarray
+    gt: tuple
+
+
+def _add_vectors(src: _Source, cfg: BuildConfig, indexes: list, tmp: str, eval_vecs: np.ndarray,
+                 eval_ids: np.ndarray, say=None) -> _Added:
+    """Step 4 (pass 2): add every batch to its shard (blake2b(item_id) % S) with int64 ids,
+    write the ids tables, accumulate the exact top-k of the evaluation queries."""
+    n_eval = len(eval_ids)
+    writers = [pq.ParquetWriter(os.path.join(tmp, shard_files(s)[1]), IDS_SCHEMA)
+               for s in range(cfg.shards)]
+    kk = cfg.recall_k + 1
+    gt = (np.full((n_eval, kk), -np.inf, np.float32), np.full((n_eval, kk), -1, np.int64))
+    offset = 0
+    sizes = np.zeros(cfg.shards, dtype=np.int64)
+    eval_shard = np.full(n_eval, -1, dtype=np.int64)
+    try:
+        for labels, vecs in src.batches(src.label_cols, cfg.batch_size):
+            n = len(vecs)
+            ids = np.arange(offset, offset + n, dtype=np.int64)
+            offset += n
+            items = labels.column("item_id")
+            if items.null_count:
+                raise VectorFileError(f"{src.path}: item_id has null values")
+            if src.has_count:
+                empty = np.flatnonzero(labels.column("count").fill_null(0).to_numpy() <= 0)
+                if len(empty):
+                    raise VectorFileError(f"{src.path}: item {items[int(empty[0])].as_py()!r} has no "
+                                          "images (count 0): not a centroid")
+            shard = shard_of(items.to_pylist(), cfg.shards)
+            images = labels.column("image_id") if src.has_image else pa.nulls(n, pa.string())
+            # evaluation queries are held back: added to the index only after tuning, so
+            # they are unseen queries (a vector already in an HNSW graph is found too easily)
+            held = np.isin(ids, eval_ids) if n_eval else np.zeros(n, dtype=bool)
+            eval_shard[np.searchsorted(eval_ids, ids[held])] = shard[held]
+            for s in np.unique(shard):
+                sel = np.nonzero(shard == s)[0]
+                add = sel[~held[sel]]
+                indexes[s].add_with_ids(np.ascontiguousarray(vecs[add]), ids[add])
+                take = pa.array(sel)
+                writers[s].write_table(pa.table(
+                    [pa.array(ids[sel]), items.take(take).cast(pa.string()),
+                     images.take(take).cast(pa.string())], schema=IDS_SCHEMA))
+                sizes[s] += len(sel)
+            if n_eval and not held.all():
+                # exact top-k among this batch's indexed (not held-back) vectors, merged in
+                gt = merge_topk([gt, exact_search(eval_vecs, vecs[~held], kk, ids[~held])], kk)
+            if say and offset % (cfg.batch_size * 16) < n:
+                say(f"added {offset}/{src.n_total}")
+    finally:
+        for w in writers:
+            w.close()
+    if offset != src.n_total:
+        raise IndexBuildError(f"{src.path}: read {offset} rows but the metadata counts {src.n_total}")
+    return _Added(sizes, eval_shard, gt)
+
+
+def _tune_and_complete(src: _Source, cfg: BuildConfig, indexes: list, eval_vecs: np.ndarray,
+                       eval_ids: np.ndarray, added: _Added, say) -> tuple[dict, float | None]:
+    """Step 5: tune nprobe / efSearch on the held-out queries (Flat: measure only), then add
+    the held-back vectors to their shards. Returns (search params, recall or None)."""
+    if len(eval_ids) == 0:  # a single vector: nothing to measure against, nothing recorded
+        params, recall = {}, None
+    else:
+        params, recall = tune_search_params(indexes, src.factory, eval_vecs, eval_ids, added.gt[1],
+                                            cfg.target_recall, cfg.recall_k)
+        if recall < cfg.target_recall:
+            say(f"warning: {src.factory} reaches recall@{cfg.recall_k}={recall:.4f} < target "
+                f"{cfg.target_recall} at {params}")
+    for s in range(cfg.shards):  # now the held-back vectors join their shards
+        sel = np.nonzero(added.eval_shard == s)[0]
+        if len(sel):
+            indexes[s].add_with_ids(np.ascontiguousarray(eval_vecs[sel]), eval_ids[sel])
+    return params, recall
+
+
+def _write_version(src: _Source, cfg: BuildConfig, indexes: list, tmp: str, ver: str, sizes: np.ndarray,
+                   params: dict, recall: float | None, n_eval: int, gpu: bool, t0: float,
+                   timings: dict, model_dir: str | None = None) -> dict:
+    """Step 6: shard files, the whitening file if any and the manifest into `tmp` (the version
+    directory, renamed into place by IndexHome.new_version). Returns the manifest."""
+    import faiss
 
     t = time.perf_counter()
-    template = train_template(factory, dim, train.vecs, cfg, gpu)
-    del train
-    indexes = [faiss.clone_index(template) for _ in range(cfg.shards)]
-    timings["train_s"] = time.perf_counter() - t
-
-    home = IndexHome.of(root, name)
-    with home.new_version(version) as (ver, tmp):
-        # pass 2: add in batches, write ids tables, accumulate exact top-k of eval queries
-        t = time.perf_counter()
-        writers = [pq.ParquetWriter(os.path.join(tmp, shard_files(s)[1]), IDS_SCHEMA)
-                   for s in range(cfg.shards)]
-        kk = cfg.recall_k + 1
-        gt = (np.full((n_eval, kk), -np.inf, np.float32), np.full((n_eval, kk), -1, np.int64))
-        offset = 0
-        sizes = np.zeros(cfg.shards, dtype=np.int64)
-        eval_shard = np.full(n_eval, -1, dtype=np.int64)
-        try:
-            for labels, vecs in batches(label_cols):
-                n = len(vecs)
-                ids = np.arange(offset, offset + n, dtype=np.int64)
-                offset += n
-                items = labels.column("item_id")
-                if items.null_count:
-                    raise VectorFileError(f"{vectors}: item_id has null values")
-                if has_count:
-                    empty = np.flatnonzero(labels.column("count").fill_null(0).to_numpy() <= 0)
-                    if len(empty):
-                        raise VectorFileError(f"{vectors}: item {items[int(empty[0])].as_py()!r} has no "
-                                              "images (count 0): not a centroid")
-                shard = shard_of(items.to_pylist(), cfg.shards)
-                images = labels.column("image_id") if has_image else pa.nulls(n, pa.string())
-                # evaluation queries are held back: added to the index only after tuning, so
-                # they are unseen queries (a vector already in an HNSW graph is found too easily)
-                held = np.isin(ids, eval_ids) if n_eval else np.zeros(n, dtype=bool)
-                eval_shard[np.searchsorted(eval_ids, ids[held])] = shard[held]
-                for s in np.unique(shard):
-                    sel = np.nonzero(shard == s)[0]
-                    add = sel[~held[sel]]
-                    indexes[s].add_with_ids(np.ascontiguousarray(vecs[add]), ids[add])
-                    take = pa.array(sel)
-                    writers[s].write_table(pa.table(
-                        [pa.array(ids[sel]), items.take(take).cast(pa.string()),
-                         images.take(take).cast(pa.string())], schema=IDS_SCHEMA))
-                    sizes[s] += len(sel)
-                if n_eval and not held.all():
-                    # exact top-k among this batch's indexed (not held-back) vectors, merged in
-                    gt = merge_topk([gt, exact_search(eval_vecs, vecs[~held], kk, ids[~held])], kk)
-                if progress and offset % (cfg.batch_size * 16) < n:
-                    say(f"added {offset}/{n_total}")
-        finally:
-            for w in writers:
-                w.close()
-        if offset != n_total:
-            raise IndexBuildError(f"{vectors}: read {offset} rows but the metadata counts {n_total}")
-        timings["add_s"] = time.perf_counter() - t
-
-        # tune nprobe / efSearch on the held-out queries (Flat: measure only)
-        t = time.perf_counter()
-        if n_eval == 0:  # a single vector: nothing to measure against, nothing recorded
-            params, recall = {}, None
-        else:
-            params, recall = tune_search_params(indexes, factory, eval_vecs, eval_ids, gt[1],
-                                                cfg.target_recall, cfg.recall_k)
-            if recall < cfg.target_recall:
-                say(f"warning: {factory} reaches recall@{cfg.recall_k}={recall:.4f} < target "
-                    f"{cfg.target_recall} at {params}")
-        for s in range(cfg.shards):  # now the held-back vectors join their shards
-            sel = np.nonzero(eval_shard == s)[0]
-            if len(sel):
-                indexes[s].add_with_ids(np.ascontiguousarray(eval_vecs[sel]), eval_ids[sel])
-        timings["tune_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        for s, idx in enumerate(indexes):
-            faiss.write_index(idx, os.path.join(tmp, shard_files(s)[0]))
-        timings["write_s"] = time.perf_counter() - t
-        extra = {}
-        if whitening is not None:  # stored with the version: queries go through the same file
-            whitening.save(os.path.join(tmp, WHITENING_FILE))
-            extra["whitening"] = {"file": WHITENING_FILE, "input_model": meta.model,
-                                  "input_dim": meta.dim, "dim": whitening.dim,
-                                  "power": whitening.power, "fitted_on": whitening.n_samples}
-        manifest = {
-            "version": ver,
-            "model": model,
-            "dim": dim,
-            "metric": METRIC,
-            "normalized": True,
-            "index_type": factory,
-            "faiss_factory": per_shard_factory(factory),
-            "exact": exact,
-            "num_shards": cfg.shards,
-            "num_vectors": int(n_total),
-            "shard_sizes": sizes.tolist(),
-            "sharding": "blake2b64(item_id) % num_shards",
-            "vector_kind": kind,
-            "has_image_ids": has_image,
-            "source": [os.path.abspath(vectors) if "://" not in vectors else vectors],
-            "search_params": params,
-            "recall": _recall_record(recall, cfg, n_eval),
-            **extra,
-            **({"model_dir": os.path.abspath(model_dir) if "://" not in str(model_dir) else str(model_dir)}
-               if model_dir else {}),
-            "build": {"seconds": round(time.perf_counter() - t0, 3), "gpu": gpu,
-                      "faiss_version": faiss.__version__,
-                      "config": asdict(cfg), "timings": {k: round(v, 3) for k, v in timings.items()}},
-        }
-        manifest = finalize_manifest(tmp, manifest)
-    if publish:
-        home.publish(ver)
-    say(f"version {ver} written to {home.version_dir(ver)}"
-        + (" and published" if publish else " (not published)"))
-    return BuildResult(ver, home.version_dir(ver), manifest, publish, time.perf_counter() - t0, timings)
+    for s, idx in enumerate(indexes):
+        faiss.write_index(idx, os.path.join(tmp, shard_files(s)[0]))
+    timings["write_s"] = time.perf_counter() - t
+    extra = {}
+    whitening, meta, vectors = src.whitening, src.meta, src.path
+    if whitening is not None:  # stored with the version: queries go through the same file
+        whitening.save(os.path.join(tmp, WHITENING_FILE))
+        extra["whitening"] = {"file": WHITENING_FILE, "input_model": meta.model,
+                              "input_dim": meta.dim, "dim": whitening.dim,
+                              "power": whitening.power, "fitted_on": whitening.n_samples}
+    manifest = {
+        "version": ver,
+        "model": src.model,
+        "dim": src.dim,
+        "metric": METRIC,
+        "normalized": True,
+        "index_type": src.factory,
+        "faiss_factory": per_shard_factory(src.factory),
+        "exact": is_exact(src.factory),
+        "num_shards": cfg.shards,
+        "num_vectors": int(src.n_total),
+        "shard_sizes": sizes.tolist(),
+        "sharding": "blake2b64(item_id) % num_shards",
+        "vector_kind": src.kind,
+        "has_image_ids": src.has_image,
+        "source": [os.path.abspath(vectors) if "://" not in vectors else vectors],
+        "search_params": params,
+        "recall": _recall_record(recall, cfg, n_eval),
+        **extra,
+        **({"model_dir": os.path.abspath(model_dir) if "://" not in str(model_dir) else str(model_dir)}
+           if model_dir else {}),
+        "build": {"seconds": round(time.perf_counter() - t0, 3), "gpu": gpu,
+                  "faiss_version": faiss.__version__,
+                  "config": asdict(cfg), "timings": {k: round(v, 3) for k, v in timings.items()}},
+    }
+    return finalize_manifest(tmp, manifest)

@@ -2,7 +2,8 @@
 
 `evaluate_ranked(query, gallery, mode, config)` scores every query against the whole gallery
 (exact metrics of index.evaluation.metrics: mAP, mINP, CMC) after re-ranking by `config`
-(index.rerank.kreciprocal.RerankConfig: DBA, then QE, then k-reciprocal). Without re-ranking it computes
+(index.rerank.chain.RerankConfig: DBA, then QE, then k-reciprocal or diffusion, run by the
+shared chain index.rerank.chain.PreparedGallery with exact flat searches). Without re-ranking it computes
 exactly what index.evaluation.protocol.per_query_metrics computes.
 
 How the re-ranked scores of a query over the whole gallery are formed:
@@ -30,7 +31,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from index.evaluation import metrics as M
-from index.rerank.kreciprocal import RerankConfig
+from index.evaluation.protocol import check_compatible, label_codes
+from index.rerank.chain import FlatBackend, PreparedGallery, RerankConfig
+from index.rerank.diffusion import conjugate_gradient, query_vector_block
+from index.rerank.kreciprocal import (
+    farthest_in_sample,
+    k_reciprocal_from_embeddings,
+    resolve_max_distance,
+)
 
 DENSE_MAX = 20_000
 JUNK_ITEM = M.JUNK_ITEM
@@ -81,9 +89,6 @@ class _Scorer:
 
     def __init__(self, query: np.ndarray, gallery: np.ndarray, config: RerankConfig | None,
                  keep: np.ndarray | None, dense_max: int = DENSE_MAX, form: str = "auto"):
-        from index.rerank import expansion
-        from index.rerank import kreciprocal as rerank
-
         self.n_gallery = len(gallery)
         self.keep = None if keep is None or keep.all() else np.asarray(keep, bool)
         self.form = None
@@ -94,34 +99,27 @@ class _Scorer:
             self.q, self.g, self.keep = query, gallery, None
             return
         rows = np.arange(len(gallery)) if self.keep is None else np.flatnonzero(self.keep)
-        g = np.ascontiguousarray(gallery[rows], np.float32)
-        q = np.ascontiguousarray(query, np.float32)
-        if uses(config, "dba") and len(g):
-            g = expansion.database_augmentation(g, config.dba_n, alpha=config.dba_alpha)
-        if (uses(config, "aqe") or uses(config, "alpha-qe")) and len(g):
-            alpha = config.alpha if uses(config, "alpha-qe") else 0.0
-            q = expansion.query_expansion(q, g, config.qe_n, alpha=alpha)
+        self.rows = rows
+        if len(rows) == 0:  # only junk: nothing to re-rank, every score is -inf
+            self.q, self.g = np.ascontiguousarray(query, np.float32), np.array(gallery, np.float32, copy=True)
+            return
+        # the shared chain (DBA, QE) with exact flat searches; only the whole-gallery scoring
+        # of the final stage is the evaluator's own
+        prepared = PreparedGallery(gallery, config, FlatBackend(), self.keep)
+        q, g = prepared.expand(query), prepared.vectors
         full_g = np.array(gallery, np.float32, copy=True)
         full_g[rows] = g
-        self.q, self.g, self.rows = q, full_g, rows
-        if uses(config, "diffusion") and len(g):
-            from index.rerank.diffusion import knn_graph
-            from index.rerank.kreciprocal import flat_search_fn
-
-            self.g_search = flat_search_fn(g)
-            self.graph = knn_graph(g, self.g_search, config.diffusion_k, config.diffusion_gamma)
-            self.config = config
+        self.q, self.g = q, full_g
+        if uses(config, "diffusion"):
+            self.g_search, self.graph, self.config = prepared.search, prepared.graph, prepared.config
             return
-        if not uses(config, "kreciprocal") or len(g) == 0:
+        if not uses(config, "kreciprocal"):
             return
         self.form = ("dense" if len(g) <= dense_max else "sparse") if form == "auto" else form
         if self.form == "dense":
-            self.final = rerank.k_reciprocal_from_embeddings(q, g, config.k1, config.k2, config.lambda_value)
+            self.final = k_reciprocal_from_embeddings(q, g, config.k1, config.k2, config.lambda_value)
         elif self.form == "sparse":
-            topk = min(config.topk, len(g))
-            self.sparse = rerank.k_reciprocal_sparse(q, g, config.k1, config.k2, config.lambda_value,
-                                                     topk=topk, candidates=config.candidates,
-                                                     max_distance=config.max_distance)
+            self.sparse = prepared.rank_kept(q)  # ids: kept rows
             self.lam = np.float32(config.lambda_value)
             self.far = _farthest(q, g, config.max_distance)
         else:
@@ -149,8 +147,6 @@ class _Scorer:
     def _diffusion_scores(self, rows: np.ndarray, cos: np.ndarray) -> np.ndarray:
         """Diffusion on the whole gallery graph (index.rerank.diffusion, online form): nodes the query
         reaches rank first by their diffusion score f > 0, the rest after them by cosine."""
-        from index.rerank.diffusion import conjugate_gradient, query_vector_block
-
         c = self.config
         sims, ids = self.g_search(self.q[rows], min(c.diffusion_query_k, len(self.rows)))
         y = query_vector_block(ids, sims, self.graph.n, c.diffusion_gamma, c.diffusion_query_k)
@@ -165,8 +161,6 @@ class _Scorer:
 
 def _farthest(q: np.ndarray, g: np.ndarray, max_distance, chunk: int = 2048) -> np.ndarray:
     """Each query's row normaliser as k_reciprocal_sparse computes it: (Q,) float32."""
-    from index.rerank.kreciprocal import farthest_in_sample, resolve_max_distance
-
     max_distance = resolve_max_distance(max_distance, len(q) + len(g))
     if max_distance == "sample":
         return np.maximum(farthest_in_sample(np.concatenate([q, g]), sample_size=8192)[:len(q)], 1e-12)
@@ -210,8 +204,6 @@ def evaluate_ranked(query, gallery, mode: str, config: RerankConfig | None = Non
     "centroid" mode after re-ranking by `config` (None or methods ("none",): plain cosine).
     sample_rows: query rows whose top `top_n` list is returned (RankedEvaluation.samples).
     form: k-reciprocal form, "auto" (dense up to `dense_max` gallery vectors), "dense", "sparse"."""
-    from index.evaluation.protocol import check_compatible, label_codes
-
     if mode not in ("instance", "centroid"):
         raise ValueError(f"unknown mode {mode!r}: choose instance or centroid")
     check_compatible(query, gallery)

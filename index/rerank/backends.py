@@ -1,18 +1,7 @@
-"""Re-ranking on top of an existing gallery search (the sharded FAISS index), for query answering.
+"""The index-backed side of re-ranking for query answering: the gallery vectors and the scores.
 
-`index.rerank.kreciprocal.rerank` builds its own exact searches over the vectors it is given. Query
-answering already has a search over the gallery: the published index. `rerank_with_search`
-runs the same steps (DBA, then QE, then k-reciprocal; index/rerank.py) with that search as the
-source of every neighbour list, so it scales with the index:
-
-- junk (item "-1") takes no part: `filtered_search_fn` drops it from the index's lists (asking
-  the index for more neighbours where the filter leaves a list short);
-- after DBA the gallery vectors differ from the indexed ones: `rescored_search_fn` takes the
-  index's candidates (factor x k, found with the original vectors) and re-scores them with the
-  augmented vectors. Exact when the augmented top-k lies within the original top factor*k,
-  which holds in practice since DBA moves a vector towards its own neighbours;
-- k-reciprocal uses `union_search_fn` (queries searched exactly, gallery through the index).
-
+The chain itself is index.rerank.chain (run with `IndexBackend(search)`, the sharded index's
+search, as the source of every neighbour list: junk filtered, DBA re-scored; see there).
 The gallery vectors themselves (for distances, QE and DBA means) come from the index version's
 source Parquet (`load_index_vectors`): the exact vectors the index was built from, read in the
 build's row order, whose row numbers are the index's int64 ids. They are checked against the
@@ -23,130 +12,14 @@ served by Ray actors live in other processes.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
-from index.rerank.kreciprocal import (  # noqa: F401  (filtered_search_fn: re-exported, it lived here)
-    RerankConfig,
-    RerankResult,
-    SearchFn,
-    filtered_search_fn,
-    k_reciprocal_sparse,
-    union_search_fn,
-)
+from index.rerank.chain import RerankConfig
+from index.rerank.kreciprocal import RerankResult
+
+__all__ = ["JUNK_ITEM", "load_index_vectors", "result_scores"]
 
 JUNK_ITEM = "-1"
-
-
-def rescored_search_fn(search: SearchFn, vectors: np.ndarray, factor: int = 4) -> SearchFn:
-    """Search over `vectors` (n, D) float32 (e.g. DBA-augmented gallery) using the candidates of
-    `search` (a search over the original vectors with the same row numbers): factor * k
-    candidates per query, re-scored by inner product with `vectors` and re-sorted."""
-    n = len(vectors)
-
-    def search_new(x: np.ndarray, k: int):
-        k = max(1, min(k, n))
-        x = np.asarray(x, np.float32)
-        _, cand = search(x, min(n, factor * k))
-        cand = np.asarray(cand, np.int64)
-        ok = cand >= 0
-        s = np.empty(cand.shape, np.float32)
-        # gather the candidates' vectors a block of rows at a time (<= ~64 MB of gathered vectors)
-        step = max(1, (64 << 20) // max(1, cand.shape[1] * vectors.shape[1] * 4))
-        for a in range(0, len(x), step):
-            b = min(a + step, len(x))
-            s[a:b] = np.einsum("qd,qkd->qk", x[a:b], vectors[np.maximum(cand[a:b], 0)])
-        s = np.where(ok, s, -np.inf).astype(np.float32)
-        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        ids = np.take_along_axis(np.where(ok, cand, -1), top, axis=1)
-        return np.take_along_axis(s, top, axis=1), ids
-
-    return search_new
-
-
-class PreparedGallery:
-    """The gallery side of re-ranking, done once: junk filtered out of the search, DBA applied
-    (then the index's lists re-scored with the augmented vectors), the diffusion graph built on
-    first use. `rerank(query)` then answers any number of query batches: QE, k-reciprocal and
-    diffusion treat each query on its own except k-reciprocal, whose union is the batch given.
-
-    gallery: (G, D) float32 L2-normalised; gallery_search over those G rows (e.g. the sharded
-    index); gallery_keep: (G,) bool, False for rows that take no part (junk)."""
-
-    def __init__(self, gallery: np.ndarray, config: RerankConfig, gallery_search: SearchFn,
-                 gallery_keep: np.ndarray | None = None, rescore_factor: int = 4):
-        from index.rerank import expansion
-
-        keep = None if gallery_keep is None else np.asarray(gallery_keep, bool)
-        if keep is not None and keep.shape != (len(gallery),):
-            raise ValueError(f"gallery_keep has shape {keep.shape}, expected ({len(gallery)},)")
-        if keep is not None and keep.all():
-            keep = None
-        if keep is None:
-            rows, g, search = np.arange(len(gallery)), np.asarray(gallery, np.float32), gallery_search
-        else:
-            rows = np.flatnonzero(keep)
-            g = np.ascontiguousarray(gallery[rows], np.float32)
-            search = filtered_search_fn(gallery_search, keep)
-        if len(g) == 0:
-            raise ValueError("gallery is empty after removing junk items")
-        # lists of min(topk, G): a larger topk would only allocate padding (k=10^7 on 146 vectors)
-        config = replace(config, topk=min(config.topk, len(g)))
-        if "dba" in config.methods:
-            g = expansion.database_augmentation(g, config.dba_n, alpha=config.dba_alpha, search_fn=search)
-            search = rescored_search_fn(search, g, rescore_factor)
-        self.config, self.rows, self.g, self.search = config, rows, g, search
-        self.graph = None
-
-    def rerank(self, query: np.ndarray) -> RerankResult:
-        """RerankResult for query (Q, D) float32: ids = gallery rows, (Q, min(topk, kept G))."""
-        from index.rerank import expansion
-
-        config, g, search, rows = self.config, self.g, self.search, self.rows
-        methods = set(config.methods)
-        q = np.ascontiguousarray(query, np.float32)
-        if "aqe" in methods or "alpha-qe" in methods:
-            alpha = config.alpha if "alpha-qe" in methods else 0.0
-            q = expansion.query_expansion(q, g, config.qe_n, alpha=alpha, search_fn=search)
-        if "kreciprocal" in methods:
-            res = k_reciprocal_sparse(q, g, config.k1, config.k2, config.lambda_value, topk=config.topk,
-                                      candidates=config.candidates, max_distance=config.max_distance,
-                                      search_fn=union_search_fn(q, search), gallery_search_fn=search)
-            res.ids = np.where(res.ids >= 0, rows[np.maximum(res.ids, 0)], -1)
-            return res
-        if "diffusion" in methods:
-            from index.rerank.diffusion import diffusion_rerank, knn_graph
-
-            if self.graph is None:
-                self.graph = knn_graph(g, search, config.diffusion_k, config.diffusion_gamma)
-            scores, ids = diffusion_rerank(q, g, search, config.topk, config.diffusion_k,
-                                           config.diffusion_alpha, config.diffusion_gamma,
-                                           config.diffusion_query_k, config.diffusion_truncate,
-                                           graph=self.graph)
-            dist = np.where(ids >= 0, -scores, np.inf).astype(np.float32)  # distance = -diffusion score
-        else:
-            scores, ids = search(q, config.topk)
-            ids = np.asarray(ids, np.int64)
-            dist = np.where(ids >= 0, 2.0 - 2.0 * np.asarray(scores, np.float32), np.inf).astype(np.float32)
-        pad = config.topk - ids.shape[1]
-        if pad > 0:
-            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-            dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
-        return RerankResult(np.where(ids >= 0, rows[np.maximum(ids, 0)], -1), dist, np.ones(len(q), bool))
-
-
-def rerank_with_search(query: np.ndarray, gallery: np.ndarray, config: RerankConfig,
-                       gallery_search: SearchFn, gallery_keep: np.ndarray | None = None,
-                       rescore_factor: int = 4) -> RerankResult:
-    """Re-rank query (Q, D) against gallery (G, D) float32 (L2-normalised) by `config`, taking
-    neighbour lists from `gallery_search` (over the G gallery rows, e.g. the sharded index).
-
-    gallery_keep: (G,) bool, False for rows that take no part (junk). Returns RerankResult with
-    ids = gallery rows (-1 padding) and distances: k-reciprocal final distances, or 2 - 2 cos
-    of the (expanded / augmented) vectors without k-reciprocal. (Q, min(config.topk, kept G))
-    arrays: every query gets that many results, however many more queries than gallery rows."""
-    return PreparedGallery(gallery, config, gallery_search, gallery_keep, rescore_factor).rerank(query)
 
 
 def result_scores(result: RerankResult, config: RerankConfig) -> np.ndarray:

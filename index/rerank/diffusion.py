@@ -34,6 +34,8 @@ from functools import cached_property
 
 import numpy as np
 
+from index.rerank.neighbours import SearchFn
+
 
 class DiffusionError(ValueError):
     """Bad diffusion input: mismatched shapes, out-of-range ids, NaN similarities."""
@@ -460,7 +462,7 @@ def diffuse_precomputed(pre: PrecomputedDiffusion, query_ids: np.ndarray, query_
 
 # ---- diffusion as a re-ranking step over a gallery search (query.py / evaluate.py) ----------
 
-def knn_graph(gallery: np.ndarray, search, k: int = 20, gamma: float = 3.0,
+def knn_graph(gallery: np.ndarray, search: SearchFn, k: int = 20, gamma: float = 3.0,
               batch: int = 65536) -> Graph:
     """Mutual kNN affinity graph of the gallery (G, D) float32 from `search(x, k) -> (scores,
     ids)` over those same G vectors (exact flat search, or the sharded index): each vector's
@@ -491,7 +493,7 @@ def fill_with_original(scores: np.ndarray, ids: np.ndarray, orig_ids: np.ndarray
     return scores, ids
 
 
-def diffusion_rerank(query: np.ndarray, gallery: np.ndarray, search, topk: int = 100,
+def diffusion_rerank(query: np.ndarray, gallery: np.ndarray, search: SearchFn, topk: int = 100,
                      k: int = 20, alpha: float = 0.99, gamma: float = 3.0, query_k: int = 10,
                      truncate: int = 1000, full_max: int = 20_000, graph: Graph | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:

@@ -10,15 +10,13 @@
 Every result is L2-normalised again. The functions take neighbour lists (ids + scores) from a
 search function, never a query x gallery matrix, so they scale with the index; the wrappers
 build an exact faiss.IndexFlatIP search when none is given. Combine with k-reciprocal by
-re-ranking the expanded vectors (index.rerank.kreciprocal.rerank does DBA, then QE, then k-reciprocal).
+re-ranking the expanded vectors (index.rerank.chain.rerank does DBA, then QE, then k-reciprocal or diffusion).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
-SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+from index.rerank.neighbours import SearchFn, flat_search_fn
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -89,12 +87,6 @@ def augment_database(gallery: np.ndarray, ids: np.ndarray, scores: np.ndarray, n
     return weighted_expansion(gallery[rows], gallery, ids, expansion_weights(scores, ids, alpha))
 
 
-def _flat_search(vectors: np.ndarray) -> SearchFn:
-    from index.rerank.kreciprocal import flat_search_fn
-
-    return flat_search_fn(vectors)
-
-
 def query_expansion(query: np.ndarray, gallery: np.ndarray, n: int = 5, alpha: float = 0.0,
                     search_fn: SearchFn | None = None) -> np.ndarray:
     """AQE / alpha-QE of query (Q, D) against gallery (G, D), float32 L2-normalised.
@@ -102,7 +94,7 @@ def query_expansion(query: np.ndarray, gallery: np.ndarray, n: int = 5, alpha: f
     Returns (Q, D) float32 L2-normalised expanded queries."""
     if n <= 0:
         return _normalize(np.asarray(query, np.float32))
-    search_fn = search_fn or _flat_search(gallery)
+    search_fn = search_fn or flat_search_fn(gallery)
     scores, ids = search_fn(np.ascontiguousarray(query, np.float32), min(n, len(gallery)))
     return expand_queries(query, gallery, ids, scores, n, alpha)
 
@@ -116,7 +108,7 @@ def database_augmentation(gallery: np.ndarray, n: int = 5, alpha: float = 0.0,
     gallery = np.ascontiguousarray(gallery, np.float32)
     if n <= 0:
         return _normalize(gallery)
-    search_fn = search_fn or _flat_search(gallery)
+    search_fn = search_fn or flat_search_fn(gallery)
     k = min(n + 1, len(gallery))
     out = np.empty_like(gallery)
     for s in range(0, len(gallery), chunk):

@@ -26,21 +26,21 @@ the exact top-k whenever the k-th distance is below (1 - lambda) + lambda * (dis
 last candidate); `RerankResult.certified` says for which queries that was checked to hold.
 
 Use with query expansion / database augmentation (index.rerank.expansion): expand or augment the
-vectors first, then re-rank the new vectors, or call `rerank` with a `RerankConfig`.
+vectors first, then re-rank the new vectors, or call index.rerank.chain.rerank with a `RerankConfig`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-"""search_fn(x (n, D) float32, k) -> (scores (n, k) float32 inner products, higher is nearer;
-ids (n, k) int64 row numbers in the searched set, -1 where fewer than k were found)."""
+from index.rerank.neighbours import SearchFn, filtered_search_fn, flat_search_fn, union_search_fn
 
-METHODS = ("none", "kreciprocal", "aqe", "alpha-qe", "dba", "diffusion")
-
+__all__ = ["AUTO_SEARCH_MAX", "RerankResult", "SparseRows", "expansion_weights", "farthest_in_sample",
+           "jaccard_from_overlap", "jaccard_overlaps", "k_reciprocal_exact", "k_reciprocal_from_embeddings",
+           "k_reciprocal_sparse", "local_query_expansion", "original_distance", "reciprocal_neighbours",
+           "resolve_max_distance"]
 
 # --------------------------------------------------------------------------------------------
 # small sparse-row container and vectorised gathers
@@ -350,79 +350,6 @@ class RerankResult:
         return out
 
 
-def flat_search_fn(vectors: np.ndarray, batch: int = 8192) -> SearchFn:
-    """Exact inner-product search over `vectors` (n, D) float32 with faiss.IndexFlatIP."""
-    import faiss
-
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, np.float32))
-
-    def search(x: np.ndarray, k: int):
-        k = min(k, index.ntotal)
-        scores = np.empty((len(x), k), np.float32)
-        ids = np.empty((len(x), k), np.int64)
-        for rows in _row_chunks(len(x), batch):
-            scores[rows], ids[rows] = index.search(np.ascontiguousarray(x[rows], np.float32), k)
-        return scores, ids
-
-    return search
-
-
-def union_search_fn(query: np.ndarray, gallery_search: SearchFn) -> SearchFn:
-    """A search over the union [query; gallery] from a search over the gallery alone (e.g. the
-    sharded gallery index): the queries are searched exactly, ids >= Q are gallery row + Q."""
-    q_search = flat_search_fn(query)
-    n_q = len(query)
-
-    def search(x: np.ndarray, k: int):
-        qs, qi = q_search(x, k)
-        gs, gi = gallery_search(x, k)
-        scores = np.concatenate([qs, gs], axis=1)
-        ids = np.concatenate([qi, np.where(gi >= 0, gi + n_q, -1)], axis=1)
-        scores = np.where(ids >= 0, scores, -np.inf)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, top, axis=1), np.take_along_axis(ids, top, axis=1)
-
-    return search
-
-
-def filtered_search_fn(search: SearchFn, keep: np.ndarray, growth: int = 4) -> SearchFn:
-    """A search over the kept rows only, from a search over all G rows.
-
-    search(x, k) -> (scores, ids) over G rows; keep: (G,) bool. The returned search answers
-    with ids renumbered 0..K-1 in kept order (K = keep.sum()), -1 / -inf where fewer than k
-    kept rows exist. Rows whose list the filter leaves short are searched again with
-    `growth` times more neighbours until full or the whole gallery was listed."""
-    keep = np.asarray(keep, bool)
-    g = len(keep)
-    new_id = np.full(g, -1, np.int64)
-    new_id[keep] = np.arange(int(keep.sum()))
-    n_keep = int(keep.sum())
-
-    def search_kept(x: np.ndarray, k: int):
-        k = max(1, min(k, n_keep))
-        out_s = np.full((len(x), k), -np.inf, np.float32)
-        out_i = np.full((len(x), k), -1, np.int64)
-        todo = np.arange(len(x))
-        fetch = min(g, k + max(16, k))
-        while len(todo):
-            sc, ids = search(np.ascontiguousarray(x[todo], np.float32), fetch)
-            sc, ids = np.asarray(sc, np.float32), np.asarray(ids, np.int64)
-            mapped = np.where(ids >= 0, new_id[np.maximum(ids, 0)], -1)
-            ok = mapped >= 0
-            order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # kept entries first, in rank order
-            got = np.take_along_axis(ok, order, axis=1)
-            done = (got.sum(axis=1) >= k) | (fetch >= g) | (ids[:, -1] < 0)
-            rows = todo[done]
-            out_i[rows] = np.where(got, np.take_along_axis(mapped, order, axis=1), -1)[done]
-            out_s[rows] = np.where(got, np.take_along_axis(sc, order, axis=1), -np.inf)[done]
-            todo = todo[~done]
-            fetch = min(g, fetch * growth)
-        return out_s, out_i
-
-    return search_kept
-
-
 def _self_first(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Neighbour lists with the point itself at position 0, as an exact ranking has it (an
     approximate index may miss it, and duplicates may come before it)."""
@@ -630,109 +557,3 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     certified = complete | (kth <= bound)
     lap("jaccard_topk")
     return RerankResult(ids_out, dist_out, certified)
-
-
-# --------------------------------------------------------------------------------------------
-# combined re-ranking: DBA / QE / k-reciprocal by configuration
-# --------------------------------------------------------------------------------------------
-@dataclass
-class RerankConfig:
-    """Re-ranking settings. methods: any of "kreciprocal", "aqe", "alpha-qe", "dba", "diffusion"
-    (or just "none"); they run in the order DBA (gallery), then QE (queries), then k-reciprocal
-    or diffusion (one of the two: both re-rank the final lists).
-    diffusion_*: index.rerank.diffusion.diffusion_rerank (graph k, alpha, gamma, query_k, truncate).
-    qe_n / dba_n: neighbours averaged; alpha: exponent of alpha-QE (and of DBA's weights when
-    dba_alpha is set); topk: results per query; candidates / max_distance: see
-    k_reciprocal_sparse."""
-
-    methods: tuple[str, ...] = ("none",)
-    k1: int = 20
-    k2: int = 6
-    lambda_value: float = 0.3
-    qe_n: int = 5
-    alpha: float = 3.0
-    dba_n: int = 5
-    dba_alpha: float = 0.0
-    topk: int = 100
-    candidates: int | None = None
-    max_distance: str | float = "auto"
-    diffusion_k: int = 20
-    diffusion_alpha: float = 0.99
-    diffusion_gamma: float = 3.0
-    diffusion_query_k: int = 10
-    diffusion_truncate: int = 1000
-
-    @staticmethod
-    def parse_methods(text: str) -> tuple[str, ...]:
-        """"kreciprocal,alpha-qe" -> ("kreciprocal", "alpha-qe"); unknown names raise ValueError."""
-        names = tuple(m.strip().lower() for m in text.split(",") if m.strip()) or ("none",)
-        unknown = [m for m in names if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown re-ranking method {unknown[0]!r}: choose from {', '.join(METHODS)}")
-        if "aqe" in names and "alpha-qe" in names:
-            raise ValueError("choose one of aqe and alpha-qe")
-        if "kreciprocal" in names and "diffusion" in names:
-            raise ValueError("choose one of kreciprocal and diffusion (both re-rank the final lists)")
-        if "none" in names and len(names) > 1:
-            raise ValueError("'none' cannot be combined with other re-ranking methods")
-        return names
-
-    def as_dict(self) -> dict:
-        """The settings that a report should record."""
-        from dataclasses import asdict
-
-        return asdict(self)
-
-
-def rerank(query: np.ndarray, gallery: np.ndarray, config: RerankConfig,
-           gallery_keep: np.ndarray | None = None,
-           search_factory: Callable[[np.ndarray], SearchFn] = flat_search_fn) -> RerankResult:
-    """Re-rank L2-normalised query (Q, D) against gallery (G, D) float32 by `config`.
-
-    search_factory(vectors) -> search_fn builds a search over a set of vectors (default exact
-    flat inner product). Returns top-k lists (RerankResult): min(topk, kept gallery) entries
-    for every query; with diffusion the distances are the negated diffusion scores, without
-    k-reciprocal or diffusion 2 - 2 cos of the (expanded) vectors; `certified` is all True
-    except where k-reciprocal says otherwise.
-    """
-    from index.rerank import expansion
-
-    methods = set(config.methods)
-    keep = _keep_rows(gallery_keep, len(gallery))
-    rows = np.flatnonzero(keep) if keep is not None else np.arange(len(gallery))
-    g = np.ascontiguousarray(gallery[rows], np.float32)
-    q = np.ascontiguousarray(query, np.float32)
-    if len(g) == 0:
-        raise ValueError("gallery is empty after removing junk items")
-    # lists of min(topk, G): a larger topk would only allocate padding (k=10^7 on 146 vectors)
-    config = replace(config, topk=min(config.topk, len(g)))
-    if "dba" in methods:
-        g = expansion.database_augmentation(g, config.dba_n, alpha=config.dba_alpha,
-                                            search_fn=search_factory(g))
-    g_search = search_factory(g)
-    if "aqe" in methods or "alpha-qe" in methods:
-        alpha = config.alpha if "alpha-qe" in methods else 0.0
-        q = expansion.query_expansion(q, g, config.qe_n, alpha=alpha, search_fn=g_search)
-    if "kreciprocal" in methods:
-        res = k_reciprocal_sparse(q, g, config.k1, config.k2, config.lambda_value, topk=config.topk,
-                                  candidates=config.candidates, max_distance=config.max_distance,
-                                  search_fn=union_search_fn(q, g_search), gallery_search_fn=g_search)
-        res.ids = np.where(res.ids >= 0, rows[np.maximum(res.ids, 0)], -1)
-        return res
-    if "diffusion" in methods:
-        from index.rerank.diffusion import diffusion_rerank
-
-        scores, ids = diffusion_rerank(q, g, g_search, config.topk, config.diffusion_k,
-                                       config.diffusion_alpha, config.diffusion_gamma,
-                                       config.diffusion_query_k, config.diffusion_truncate)
-        dist = np.where(ids >= 0, -scores, np.inf).astype(np.float32)  # distance = -diffusion score
-    else:
-        scores, ids = g_search(q, min(config.topk, len(g)))
-        ids = np.asarray(ids, np.int64)
-        dist = np.where(ids >= 0, 2.0 - 2.0 * scores, np.inf).astype(np.float32)
-    pad = config.topk - ids.shape[1]
-    if pad > 0:
-        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
-    return RerankResult(np.where(ids >= 0, rows[np.maximum(ids, 0)], -1), dist,
-                        np.ones(len(q), bool))

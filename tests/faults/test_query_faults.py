@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from index.ann.build import BuildConfig, build_index
-from index.rerank.kreciprocal import RerankConfig, flat_search_fn, rerank
-from index.rerank.backends import rerank_with_search
+from index.rerank.chain import RerankConfig, rerank
+from index.rerank.neighbours import flat_search_fn
 from contracts.results import read_results
 from index.ann.search import open_index
 from contracts.vectors import l2_normalize, make_embeddings_table, write_table_atomic
@@ -82,9 +82,9 @@ def test_every_reranking_fills_every_list_when_queries_outnumber_the_gallery(cro
         want = min(topk, len(g))
         config = RerankConfig(methods=names, topk=topk)
         assert_full_lists(rerank(q, g, config).ids, want)
-        assert_full_lists(rerank_with_search(q, g, config, flat_search_fn(g)).ids, want)
+        assert_full_lists(rerank(q, g, config, search=flat_search_fn(g)).ids, want)
     keep = np.arange(len(g)) % 7 != 0
-    res = rerank_with_search(q, g, RerankConfig(methods=names, topk=100), flat_search_fn(g), keep)
+    res = rerank(q, g, RerankConfig(methods=names, topk=100), keep, search=flat_search_fn(g))
     assert_full_lists(res.ids, 100)
     assert keep[res.ids].all()
 

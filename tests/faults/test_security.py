@@ -33,6 +33,11 @@ ALLOW: dict[tuple[str, str], str] = {
     ("cluster/jobs.py", "subprocess.run"): "argument lists, no shell",
     ("cluster/local.py", "subprocess.run"): "argument lists, no shell",
     ("cluster/local.py", "subprocess.Popen"): "argument lists, no shell",
+    # the packages' lazy public attributes (PEP 562): the module names come from the package's
+    # own fixed name -> submodule table, never from input
+    ("contracts/__init__.py", "importlib.import_module"): "fixed table of own submodules",
+    ("index/__init__.py", "import_module"): "fixed table of own submodules",
+    ("model/__init__.py", "importlib.import_module"): "fixed table of own submodules",
 }
 
 
@@ -89,7 +94,7 @@ def scan_problems(repo: Path = REPO) -> list[str]:
                 bad.append(f"{where}: {name}(shell=True)")
             if name.startswith("subprocess.") and (rel, name) not in ALLOW:
                 bad.append(f"{where}: {name}() not in the allow-list")
-            if last == "import_module" or name == "importlib.__import__":
+            if (last == "import_module" or name == "importlib.__import__") and (rel, name) not in ALLOW:
                 bad.append(f"{where}: {name}() imports a computed module name")
             if name == "torch.load" and not _is_true(_kw(node, "weights_only")):
                 bad.append(f"{where}: torch.load without weights_only=True")

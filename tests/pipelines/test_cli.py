@@ -6,7 +6,8 @@ import pytest
 from pipelines._cli import Parser, make_parser, run_main
 
 # every job of pipelines/ built on make_parser; each must stay importable without Ray or torch
-JOBS = ["train", "make_shards", "make_synthetic", "whiten", "index_versions", "demo"]
+JOBS = ["train", "make_shards", "make_synthetic", "whiten", "index_versions", "demo", "embed", "centroids",
+        "build_index", "query", "evaluate", "reindex", "search", "serve", "export"]
 
 
 def test_parser_raises_value_error_instead_of_exiting():

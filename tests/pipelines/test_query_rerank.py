@@ -6,14 +6,11 @@ from contracts.results import read_ranked_lists, read_results, results_metadata
 from contracts.vectors import l2_normalize, make_embeddings_table, write_table_atomic
 from index.ann.build import BuildConfig, build_index
 from index.ann.search import open_index
-from index.rerank.backends import (
-    filtered_search_fn,
-    load_index_vectors,
-    rerank_with_search,
-    rescored_search_fn,
-)
+from index.rerank.backends import load_index_vectors
+from index.rerank.chain import RerankConfig, rerank
 from index.rerank.expansion import query_expansion
-from index.rerank.kreciprocal import RerankConfig, k_reciprocal_from_embeddings
+from index.rerank.kreciprocal import k_reciprocal_from_embeddings
+from index.rerank.neighbours import filtered_search_fn, rescored_search_fn
 from pipelines import query
 from pipelines._cli import run_main
 
@@ -151,9 +148,9 @@ def test_index_vectors_and_search_wrappers(setup):
         other = l2_normalize(g + 0.05)
         s2, _ = rescored_search_fn(search, other, factor=8)(q, 5)
         np.testing.assert_allclose(s2, np.sort(q @ other.T, axis=1)[:, ::-1][:, :5], atol=1e-5)
-        # rerank_with_search without k-reciprocal = exact AQE ranking over kept rows
+        # rerank over a search without k-reciprocal = exact AQE ranking over kept rows
         cfg = RerankConfig(methods=("aqe",), qe_n=3, topk=10)
-        res = rerank_with_search(q, g, cfg, search, keep)
+        res = rerank(q, g, cfg, keep, search=search)
         assert np.all(keep[res.ids])
         expanded = query_expansion(q, g[keep], 3)
         ref = rows[np.argsort(-(expanded @ g[keep].T), axis=1, kind="stable")[:, :10]]

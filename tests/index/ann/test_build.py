@@ -179,3 +179,15 @@ def test_pq_recall_plateau_is_recorded_honestly(tmp_path):
         got = idx.search(x[:200], 11, labels=False).ids
     _, exact = exact_search(x[:200], x, 11)
     assert abs(recall_at(got, exact, np.arange(200), 10) - rec["recall@10"]) < 0.1
+
+
+@pytest.mark.parametrize("kwargs, msg", [({"shards": 0}, "shards must be >= 1"),
+                                         ({"eval_queries": 0}, "eval_queries must be >= 1"),
+                                         ({"target_recall": 1.5}, "target recall"),
+                                         ({"batch_size": 0}, "batch_size"),
+                                         ({"max_memory_gb": 0.0}, "max_memory_gb")])
+def test_build_config_rejects_bad_values_on_construction(kwargs, msg):
+    from index.ann.build import IndexBuildError
+
+    with pytest.raises(IndexBuildError, match=msg):
+        BuildConfig(**kwargs)

@@ -7,7 +7,8 @@ from contracts.vectors import VectorMeta, VectorTable, l2_normalize
 from index.evaluation import metrics as M
 from index.evaluation.protocol import per_query_metrics
 from index.evaluation.reranked import choose_sample_rows, evaluate_ranked
-from index.rerank.kreciprocal import RerankConfig, k_reciprocal_from_embeddings
+from index.rerank.chain import RerankConfig
+from index.rerank.kreciprocal import k_reciprocal_from_embeddings
 
 
 def table(x, items, cams, prefix):

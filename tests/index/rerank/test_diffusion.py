@@ -231,15 +231,16 @@ def test_fill_with_original_completes_lists_in_cosine_order():
     assert i.tolist() == [[3, 1, 7, 5]] and np.allclose(s, [[0.5, 0.2, 0.0, 0.0]])
 
 
-def test_rerank_with_search_diffusion_matches_dense_solve(small):
-    from index.rerank.backends import rerank_with_search, result_scores
-    from index.rerank.kreciprocal import RerankConfig, flat_search_fn
+def test_rerank_over_a_search_diffusion_matches_dense_solve(small):
+    from index.rerank.backends import result_scores
+    from index.rerank.chain import RerankConfig, rerank
+    from index.rerank.neighbours import flat_search_fn
 
     g, q = small
     g, q = g.astype(np.float32), q.astype(np.float32)
     cfg = RerankConfig(methods=("diffusion",), topk=12, diffusion_k=8, diffusion_alpha=0.9,
                        diffusion_query_k=5)
-    res = rerank_with_search(q, g, cfg, flat_search_fn(g))
+    res = rerank(q, g, cfg, search=flat_search_fn(g))
     f_ref = _dense_diffusion_f(g.astype(np.float64), q.astype(np.float64), 8, 0.9, 3.0, 5)
     scores = result_scores(res, cfg)
     assert res.ids.shape == (5, 12) and (res.ids >= 0).all()
@@ -251,13 +252,13 @@ def test_rerank_with_search_diffusion_matches_dense_solve(small):
     # junk rows never come back, ids stay in the caller's numbering
     keep = np.ones(len(g), bool)
     keep[[0, 1, 2]] = False
-    res = rerank_with_search(q, g, cfg, flat_search_fn(g), gallery_keep=keep)
+    res = rerank(q, g, cfg, gallery_keep=keep, search=flat_search_fn(g))
     assert not np.isin(res.ids, [0, 1, 2]).any() and (res.ids >= 0).all()
 
 
 def test_truncated_form_used_above_full_max(small):
     from index.rerank.diffusion import diffusion_rerank, knn_graph
-    from index.rerank.kreciprocal import flat_search_fn
+    from index.rerank.neighbours import flat_search_fn
 
     g, q = small
     g, q = g.astype(np.float32), q.astype(np.float32)
@@ -272,7 +273,7 @@ def test_truncated_form_used_above_full_max(small):
 
 def test_evaluate_ranked_diffusion_ranks_by_dense_solve(small):
     from index.evaluation.reranked import _Scorer
-    from index.rerank.kreciprocal import RerankConfig
+    from index.rerank.chain import RerankConfig
 
     g, q = small
     g, q = g.astype(np.float32), q.astype(np.float32)
@@ -295,7 +296,7 @@ def test_evaluate_ranked_diffusion_ranks_by_dense_solve(small):
 
 
 def test_kreciprocal_and_diffusion_are_exclusive():
-    from index.rerank.kreciprocal import RerankConfig
+    from index.rerank.chain import RerankConfig
 
     assert RerankConfig.parse_methods("dba,aqe,diffusion") == ("dba", "aqe", "diffusion")
     with pytest.raises(ValueError, match="one of kreciprocal and diffusion"):

@@ -11,7 +11,7 @@ from index.rerank.expansion import (
     query_expansion,
     weighted_expansion,
 )
-from index.rerank.kreciprocal import flat_search_fn
+from index.rerank.neighbours import flat_search_fn
 
 
 def unit(x):

@@ -6,17 +6,15 @@ import numpy as np
 import pytest
 
 from index.evaluation import metrics as M
+from index.rerank.chain import RerankConfig, rerank
 from index.rerank.kreciprocal import (
-    RerankConfig,
     expansion_weights,
-    flat_search_fn,
     k_reciprocal_exact,
     k_reciprocal_from_embeddings,
     k_reciprocal_sparse,
     local_query_expansion,
-    rerank,
-    union_search_fn,
 )
+from index.rerank.neighbours import flat_search_fn, union_search_fn
 
 
 def slow_reference(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
