@@ -122,7 +122,7 @@ class SearchEngine:
     def search_vectors(self, vectors: np.ndarray, k: int, rerank=None,
                        gallery_vectors: str | None = None) -> Ranked:
         """(Q, D) float32 embeddings of this engine's model -> Ranked (Q, k). rerank: an
-        index.rerank.kreciprocal.RerankConfig (its topk is set to k) or None. Without re-ranking, junk
+        index.rerank.chain.RerankConfig (its topk is set to k) or None. Without re-ranking, junk
         items stay in the lists as query.py leaves them."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -132,7 +132,7 @@ class SearchEngine:
         import dataclasses
 
         from index.rerank.backends import result_scores
-        from index.rerank.chain import rerank
+        from index.rerank.chain import rerank as rerank_chain
 
         config = dataclasses.replace(rerank, topk=int(k))
         gallery, keep = self._gallery_vectors(gallery_vectors)
@@ -142,7 +142,7 @@ class SearchEngine:
             return hits.scores, hits.ids
 
         q = self.index.check_queries(vectors, self.model_id)
-        result = rerank(q, gallery, config, keep, search=search)
+        result = rerank_chain(q, gallery, config, keep, search=search)
         items, images = self.index.lookup(result.ids)
         return Ranked(items, images, result_scores(result, config), result.ids >= 0)
 
