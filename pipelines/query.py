@@ -90,6 +90,26 @@ def _no_queries(args) -> ValueError:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return answer(args)
+    except Exception as e:
+        if args.ray and _lost_on_ray(e):  # one line, not Ray's traceback; nothing was published
+            raise RuntimeError(f"a shard actor was lost mid-query ({type(e).__name__}: its node died?); "
+                               f"no results written to {args.out}; re-run the query") from e
+        raise
+
+
+def _lost_on_ray(e: BaseException) -> bool:
+    """True for Ray's errors of a lost actor or object (a node died under a shard actor)."""
+    if "ray" not in sys.modules:
+        return False
+    from ray.exceptions import ObjectLostError, RayActorError
+
+    return isinstance(e, (RayActorError, ObjectLostError))
+
+
+def answer(args) -> int:
+    """Search (and re-rank) the queries of parsed `args`; writes args.out atomically."""
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     config = rerank_config(args.rerank, args, topk=args.k)
