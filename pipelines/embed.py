@@ -88,6 +88,17 @@ def _wait_for_gpus(ray, timeout: float) -> int:
         time.sleep(1)
 
 
+def cpu_actor_share(cpus: int, actors: int, threads: int) -> float:
+    """CPUs each CPU model actor asks Ray for: at most `threads`, leaving a CPU of the cluster's
+    `cpus` to the reading tasks, which ask for min(1, this). Across several nodes the spare must
+    not be split into fragments no reading task fits (2 nodes of 1 CPU with two 0.5-CPU actors
+    and 1-CPU reads, or 8-CPU nodes with 3.75-CPU actors: the job waited forever), so a share of
+    one CPU or more is whole (free CPUs per node stay whole) and a smaller one is also the
+    reading tasks' size (a node's remainder after its actors still fits one)."""
+    share = min(threads, (cpus - 1) / actors)
+    return float(int(share)) if share >= 1 else max(0.25, share)
+
+
 def _previous_keys(prev: str, model_id: str):
     """Sorted (P,) int64 row keys of an earlier output made by the same model (else empty)."""
     import numpy as np
@@ -268,10 +279,7 @@ def main(argv=None) -> int:
         gpus = _wait_for_gpus(ray, args.gpu_wait)
     actors = args.actors or (gpus if use_gpu else max(1, cpus // 4))
     threads = args.threads or max(1, cpus // actors)
-    if use_gpu:
-        actor_res = {"num_gpus": 1, "num_cpus": 1}
-    else:  # leave a CPU to the reading tasks so a small cluster never deadlocks (fractions are fine)
-        actor_res = {"num_cpus": max(0.25, min(threads, (cpus - 1) / actors))}
+    actor_res = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": cpu_actor_share(cpus, actors, threads)}
     print(f"embed: model {model_id} (dim {dim}), {what}, {actors} {'GPU' if use_gpu else 'CPU'} actor(s), "
           f"{threads} thread(s), batch {args.batch_size}"
           + (f", {len(prev_keys)} previous rows to compare" if prev_keys is not None else ""), flush=True)
@@ -279,7 +287,7 @@ def main(argv=None) -> int:
     # Reading runs in its own tasks, overlapped with the model: remote args that differ from the
     # actors' (a retry count for flaky storage) keep Ray from fusing this stage into the model
     # actors, where it would run in series with the forward pass.
-    read_args = {"num_cpus": 1, "max_retries": 3}
+    read_args = {"num_cpus": min(1.0, actor_res["num_cpus"]), "max_retries": 3}
     if args.shards:
         ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
         ds = ds.map_batches(E.shard_batch_to_samples, batch_size=1, batch_format="pyarrow",
