@@ -14,7 +14,7 @@ when about half the batches are done and a replacement node joins (what an autos
 the difference to the plain 3-node embed is what the lost node cost. The model is a random
 ResNet-18 at 32x16 (speed only; no weights are downloaded).
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E702,I001
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import json

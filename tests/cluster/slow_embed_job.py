@@ -14,9 +14,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from model import embedding as E  # noqa: E402
-from pipelines import embed  # noqa: E402
-from pipelines._cli import run_main  # noqa: E402
+from model import embedding as E
+from pipelines import embed
+from pipelines._cli import run_main
 
 PROGRESS_DIR, DELAY = sys.argv[1], float(sys.argv[2])
 

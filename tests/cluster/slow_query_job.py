@@ -14,9 +14,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from index.ann import search as S  # noqa: E402
-from pipelines import query  # noqa: E402
-from pipelines._cli import run_main  # noqa: E402
+from index.ann import search as S
+from pipelines import query
+from pipelines._cli import run_main
 
 PROGRESS_DIR, DELAY = sys.argv[1], float(sys.argv[2])
 

@@ -11,8 +11,6 @@ line naming the lost actor and writes no results (never partial results).
 """
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -131,7 +129,7 @@ def test_query_ray_with_a_shard_node_killed_fails_in_one_line_and_writes_nothing
             "--out", out)))
         job.start()
         try:
-            names = lambda: {p.split("-")[0] for p in os.listdir(progress)}  # noqa: E731
+            names = lambda: {p.split("-")[0] for p in os.listdir(progress)}
             wait_for(lambda: {"w1", "w2"} <= names(), 600, "shard actors searching on w1 and w2")
             assert len(os.listdir(progress)) < 2 * 8, "the query finished before the kill"
             assert local.kill_node(head, "w1")
