@@ -24,6 +24,7 @@ import json
 import os
 import time
 
+from cluster.errors import is_lost_on_ray
 from pipelines._cli import add_ray_arguments, init_ray, run_main
 
 
@@ -219,6 +220,17 @@ def write_errors(out_dir: str, errors: list, rows_written: int):
     return error_table
 
 def main(argv=None) -> int:
+    try:
+        return embed(argv)
+    except Exception as e:
+        if is_lost_on_ray(e):  # one line, not Ray's traceback; nothing was published
+            raise RuntimeError(f"work lost with a Ray node and not recovered ({type(e).__name__}); "
+                               "nothing written to --out; re-run the same command") from e
+        raise
+
+
+def embed(argv=None) -> int:
+    """The job: parse `argv`, embed, publish --out (see the module docstring)."""
     args = build_parser().parse_args(argv)
     import numpy as np
     import pyarrow as pa

@@ -22,6 +22,7 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 import argparse
 from dataclasses import replace
 
+from cluster.errors import is_lost_on_ray
 from pipelines._cli import add_ray_arguments, init_ray, run_main
 from pipelines._rerank import add_rerank_arguments, method_name, rerank_config, rerank_params
 
@@ -93,19 +94,10 @@ def main(argv=None) -> int:
     try:
         return answer(args)
     except Exception as e:
-        if args.ray and _lost_on_ray(e):  # one line, not Ray's traceback; nothing was published
+        if args.ray and is_lost_on_ray(e):  # one line, not Ray's traceback; nothing was published
             raise RuntimeError(f"a shard actor was lost mid-query ({type(e).__name__}: its node died?); "
                                f"no results written to {args.out}; re-run the query") from e
         raise
-
-
-def _lost_on_ray(e: BaseException) -> bool:
-    """True for Ray's errors of a lost actor or object (a node died under a shard actor)."""
-    if "ray" not in sys.modules:
-        return False
-    from ray.exceptions import ObjectLostError, RayActorError
-
-    return isinstance(e, (RayActorError, ObjectLostError))
 
 
 def answer(args) -> int:
