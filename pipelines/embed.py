@@ -22,6 +22,7 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 import os
 import time
 
+from cluster.errors import is_lost_on_ray
 from pipelines._cli import Parser, add_ray_arguments, init_ray, make_parser, run_main
 
 
@@ -65,8 +66,18 @@ def plan_actors(resources: dict, device: str, actors: int, threads: int) -> tupl
     threads = threads or max(1, cpus // actors)
     if use_gpu:
         return True, actors, threads, {"num_gpus": 1, "num_cpus": 1}
-    # leave a CPU to the reading tasks so a small cluster never deadlocks (fractions are fine)
-    return False, actors, threads, {"num_cpus": max(0.25, min(threads, (cpus - 1) / actors))}
+    return False, actors, threads, {"num_cpus": cpu_actor_share(cpus, actors, threads)}
+
+
+def cpu_actor_share(cpus: int, actors: int, threads: int) -> float:
+    """CPUs each CPU model actor asks Ray for: at most `threads`, leaving a CPU of the cluster's
+    `cpus` to the reading tasks, which ask for min(1, this). Across several nodes the spare must
+    not be split into fragments no reading task fits (2 nodes of 1 CPU with two 0.5-CPU actors
+    and 1-CPU reads, or 8-CPU nodes with 3.75-CPU actors: the job waited forever), so a share of
+    one CPU or more is whole (free CPUs per node stay whole) and a smaller one is also the
+    reading tasks' size (a node's remainder after its actors still fits one)."""
+    share = min(threads, (cpus - 1) / actors)
+    return float(int(share)) if share >= 1 else max(0.25, share)
 
 
 def wait_for_gpus(ray, timeout: float) -> int:
@@ -103,7 +114,7 @@ def build_dataset(args, inputs, prev_keys, use_gpu: bool, actors: int, threads: 
     # Reading runs in its own tasks, overlapped with the model: remote args that differ from the
     # actors' (a retry count for flaky storage) keep Ray from fusing this stage into the model
     # actors, where it would run in series with the forward pass.
-    read_args = {"num_cpus": 1, "max_retries": 3}
+    read_args = {"num_cpus": min(1.0, actor_res.get("num_cpus", 1.0)), "max_retries": 3}
     if inputs.urls is not None:
         ds = ray.data.from_items([{"url": u} for u in inputs.urls], override_num_blocks=len(inputs.urls))
         ds = ds.map_batches(E.shard_batch_to_samples, batch_size=1, batch_format="pyarrow",
@@ -129,6 +140,17 @@ def say(message: str) -> None:
 
 
 def main(argv=None) -> int:
+    try:
+        return embed(argv)
+    except Exception as e:
+        if is_lost_on_ray(e):  # one line, not Ray's traceback; nothing was published
+            raise RuntimeError(f"work lost with a Ray node and not recovered ({type(e).__name__}); "
+                               "nothing written to --out; re-run the same command") from e
+        raise
+
+
+def embed(argv=None) -> int:
+    """The job: parse `argv`, embed, publish --out (see the module docstring)."""
     args = build_parser().parse_args(argv)
     import pyarrow as pa
 

@@ -21,6 +21,7 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 
 from dataclasses import replace
 
+from cluster.errors import is_lost_on_ray
 from pipelines._cli import add_ray_arguments, init_ray, make_parser, run_main
 from pipelines._rerank import add_rerank_arguments, rerank_config
 
@@ -95,6 +96,17 @@ def _no_queries(args) -> ValueError:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return answer(args)
+    except Exception as e:
+        if args.ray and is_lost_on_ray(e):  # one line, not Ray's traceback; nothing was published
+            raise RuntimeError(f"a shard actor was lost mid-query ({type(e).__name__}: its node died?); "
+                               f"no results written to {args.out}; re-run the query") from e
+        raise
+
+
+def answer(args) -> int:
+    """Search (and re-rank) the queries of parsed `args`; writes args.out atomically."""
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     config = rerank_config(args.rerank, args, topk=args.k)

@@ -89,15 +89,40 @@ def test_cpu_head_and_autoscaling_gpu_workers():
     assert cfg["idle_timeout_minutes"] > 0
 
 
+def worker_setup(cfg: dict, node_type: str) -> list[str]:
+    """The setup commands a worker of `node_type` runs, as Ray's autoscaler picks them: the
+    type's own worker_setup_commands if it has them, else the merged global list."""
+    return cfg["available_node_types"][node_type].get("worker_setup_commands",
+                                                      cfg["worker_setup_commands"])
+
+
+def test_a_cpu_and_a_gpu_worker_type_both_autoscale():
+    cfg = _prepared(_load())
+    workers = {n: t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]}
+    cpu = [n for n, t in workers.items() if t["resources"].get("CPU", 0) > 0
+           and not t["resources"].get("GPU", 0)]
+    gpu = [n for n, t in workers.items() if t["resources"].get("GPU", 0) >= 1]
+    assert cpu and gpu, workers
+    for n in cpu + gpu:
+        assert workers[n]["max_workers"] > workers[n].get("min_workers", 0)
+
+
 def test_setup_installs_the_project():
     cfg = _prepared(_load())
     pins = _makefile_pins()
     assert set(pins) == {"torch", "torchvision"}
     torch_cmd = f"torch=={pins['torch']} torchvision=={pins['torchvision']}"
-    # prepare_config merges setup_commands into the head's and the workers' lists (in order)
-    head, workers = cfg["head_setup_commands"], cfg["worker_setup_commands"]
-    for cmds, extra, other in ((head, "cpu", "gpu"), (workers, "gpu", "cpu")):
+    # prepare_config merges setup_commands into the head's and the workers' lists (in order);
+    # a node type's own list replaces the merged one for its nodes
+    node_cmds = [(cfg["head_setup_commands"], "cpu", "gpu")]
+    for name, t in cfg["available_node_types"].items():
+        if name != cfg["head_node_type"]:
+            node_cmds.append((worker_setup(cfg, name), "gpu" if t["resources"].get("GPU") else "cpu",
+                              "cpu" if t["resources"].get("GPU") else "gpu"))
+    assert len(node_cmds) == 3
+    for cmds, extra, other in node_cmds:
         joined = "\n".join(cmds)
+        assert "python3 -m venv ~/cr-venv" in cmds[0], "the venv first"
         i_torch = next(i for i, c in enumerate(cmds) if "pip install" in c and torch_cmd in c)
         i_proj = next(i for i, c in enumerate(cmds) if re.search(
             rf'pip install -e "\.\[{extra}\]"', c))
@@ -106,12 +131,29 @@ def test_setup_installs_the_project():
     # the project is installed from the directory file_mounts syncs the repository to
     remote = [r for r, local in cfg["file_mounts"].items() if local in (".", "./")]
     assert len(remote) == 1
-    assert all(f"cd {remote[0]}" in c for c in head + workers if "pip install -e" in c)
+    assert all(f"cd {remote[0]}" in c for cmds, _, _ in node_cmds for c in cmds if "pip install -e" in c)
     # the extras named exist in pyproject.toml
     import tomllib
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert {"cpu", "gpu"} <= set(extras)
+
+
+def test_every_node_mounts_the_shared_file_system():
+    # index roots and the nightly work dir live on one NFS (EFS) mount all nodes see; it is
+    # mounted by initialization_commands (before setup and `ray start`), which no node type
+    # replaces, so the head and both worker types run it
+    cfg = _prepared(_load())
+    init = cfg["initialization_commands"]
+    mounts = [c for c in init if re.search(r"\bmount -t nfs4?\b", c)]
+    assert len(mounts) == 1
+    point = mounts[0].split()[-1]
+    assert f"mountpoint -q {point}" in mounts[0], "idempotent: a second `ray up` must not re-mount"
+    assert any(f"mkdir -p {point}/indexes {point}/nightly" in c for c in init)
+    assert all("initialization_commands" not in t for t in cfg["available_node_types"].values())
+    # documented where a user sets the paths
+    text = CONFIG.read_text()
+    assert f"{point}/indexes" in text and f"{point}/nightly" in text and "s3://" in text
 
 
 def test_sync_excludes_local_state_and_nodes_use_token_auth():

@@ -167,7 +167,8 @@ def test_bad_inputs_exit_2(tmp_path, tiny_model, capsys):
 def test_plan_actors_without_ray():
     from pipelines.embed import plan_actors
 
-    assert plan_actors({"CPU": 8}, "auto", 0, 0) == (False, 2, 4, {"num_cpus": 3.5})
+    # a share of one CPU or more is whole (cpu_actor_share): 3, not 3.5, so reading tasks fit
+    assert plan_actors({"CPU": 8}, "auto", 0, 0) == (False, 2, 4, {"num_cpus": 3.0})
     assert plan_actors({"CPU": 2}, "auto", 0, 0) == (False, 1, 2, {"num_cpus": 1.0})
     assert plan_actors({"CPU": 16, "GPU": 2}, "auto", 0, 0) == (True, 2, 8, {"num_gpus": 1, "num_cpus": 1})
     assert plan_actors({"CPU": 16, "GPU": 2}, "cpu", 1, 3)[:3] == (False, 1, 3)
