@@ -29,15 +29,34 @@ RSS_LIMIT_MB = 1500
 GROWTH_LIMIT_MB = 250
 
 
+def _vm_hwm_mb(pid: int) -> float | None:
+    """The process's own peak RSS (VmHWM) in MB, or None where /proc does not tell."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_measured(cmd, tmp_path, timeout=300):
-    """Run cmd; return (exit status, stdout, stderr, peak RSS in MB of that child, including
-    the children it waited for) via os.wait4 on its pid."""
+    """Run cmd; return (exit status, stdout, stderr, peak RSS in MB of that child).
+
+    Peak RSS is the child's own VmHWM, polled while it runs: ru_maxrss of a forked child starts
+    from the forking (pytest) process's size, which late in a full test run is over 1 GB and
+    says nothing of the child. Where /proc is missing, ru_maxrss via os.wait4 is used."""
     import time
 
+    peak = None
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         p = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO)
         deadline = time.monotonic() + timeout
         while True:
+            hwm = _vm_hwm_mb(p.pid)
+            if hwm is not None:
+                peak = max(peak or 0.0, hwm)
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 break
@@ -45,9 +64,9 @@ def run_measured(cmd, tmp_path, timeout=300):
                 p.kill()
                 pid, status, usage = os.wait4(p.pid, 0)
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
     p.returncode = os.waitstatus_to_exitcode(status)
-    rss_mb = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+    rss_mb = peak if peak is not None else usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
     return p.returncode, (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text(), rss_mb
 
 
@@ -104,6 +123,13 @@ sys.path.insert(0, sys.argv[1])
 from model.embedding import EmbedBatch, samples_from_shards, split_embedded
 
 def peak_mb():
+    # this process's own peak (VmHWM); ru_maxrss would include the forking parent's size
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 stage = EmbedBatch(sys.argv[2], device="cpu", threads=1, decode_threads=2)
