@@ -224,6 +224,7 @@ class RunConfig:
     output: str = ""              # final model directory (default: <storage>/<name>/model)
     num_workers: int = 2
     use_gpu: str = "auto"         # auto | true | false
+    gpu_wait_s: float = 600.0     # use_gpu true: wait this long for GPU nodes to join
     cpus_per_worker: int = 1
     max_failures: int = 2
     keep_checkpoints: int = 2
@@ -239,6 +240,8 @@ class RunConfig:
                "name", "a name of letters, digits, '.', '_' or '-'", self.name)
         _check(bool(self.storage_path), "storage_path", "a folder or URI", self.storage_path)
         _check(self.cpus_per_worker >= 1, "cpus_per_worker", ">= 1", self.cpus_per_worker)
+        _check(0 <= self.gpu_wait_s <= 86400, "gpu_wait_s", "between 0 and 86400 seconds",
+               self.gpu_wait_s)
         _check(self.max_failures >= -1, "max_failures", ">= -1 (-1 = retry forever)",
                self.max_failures)
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1", self.keep_checkpoints)

@@ -20,9 +20,9 @@ model are unchanged; only new or changed images go through the model.
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import os
-import time
 
-from cluster.errors import is_lost_on_ray
+from cluster.errors import actor_init_error, is_lost_on_ray
+from cluster.gpus import auto_cpu_reason, probe_cuda, wait_for_gpus
 from pipelines._cli import Parser, add_ray_arguments, init_ray, make_parser, run_main
 
 
@@ -80,31 +80,6 @@ def cpu_actor_share(cpus: int, actors: int, threads: int) -> float:
     return float(int(share)) if share >= 1 else max(0.25, share)
 
 
-def wait_for_gpus(ray, timeout: float) -> int:
-    """Wait until the cluster has a GPU (an autoscaler adding a GPU node); returns the count.
-
-    Asks for one GPU through a pending resource request (what the autoscaler scales on) and
-    prints a progress line every 10 s; raises RuntimeError in one line after `timeout` s.
-    """
-    from ray.autoscaler.sdk import request_resources
-
-    request_resources(bundles=[{"GPU": 1}])
-    t0 = last = time.monotonic()
-    while True:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        if gpus:
-            say(f"embed: {gpus} GPU(s) joined after {time.monotonic() - t0:.0f}s")
-            return gpus
-        now = time.monotonic()
-        if now - t0 > timeout:
-            raise RuntimeError(f"--device cuda: no GPU joined the Ray cluster within {timeout:.0f}s "
-                               "(--gpu-wait)")
-        if now - last >= 10:
-            last = now
-            say(f"embed: waiting for a GPU node ({now - t0:.0f}s of {timeout:.0f}s)")
-        time.sleep(1)
-
-
 def build_dataset(args, inputs, prev_keys, use_gpu: bool, actors: int, threads: int, actor_res: dict):
     """The Ray Data pipeline: reading tasks -> model actor pool -> embedded tables."""
     import ray.data
@@ -143,6 +118,9 @@ def main(argv=None) -> int:
     try:
         return embed(argv)
     except Exception as e:
+        why = actor_init_error(e)
+        if why:  # a model actor could not start (no CUDA in a GPU actor, a bad model file)
+            raise RuntimeError(f"a model actor failed to start: {why}; nothing written to --out") from e
         if is_lost_on_ray(e):  # one line, not Ray's traceback; nothing was published
             raise RuntimeError(f"work lost with a Ray node and not recovered ({type(e).__name__}); "
                                "nothing written to --out; re-run the same command") from e
@@ -182,10 +160,13 @@ def embed(argv=None) -> int:
 
     resources = dict(ray.cluster_resources())
     if args.device == "auto" and not resources.get("GPU"):
-        say("embed: --device auto: no GPU in the Ray cluster now, embedding on CPU "
-            "(--device cuda waits for a GPU node the autoscaler adds)")
-    if args.device == "cuda" and not resources.get("GPU"):
-        resources["GPU"] = wait_for_gpus(ray, args.gpu_wait)
+        say(auto_cpu_reason("embed", "--device"))
+    if args.device == "cuda":
+        resources["GPU"] = wait_for_gpus(ray, args.gpu_wait, need=1, job="embed", say=say)
+    if args.device == "cuda" or resources.get("GPU"):
+        # one GPU task first: a GPU node without CUDA is one line here, not an actor pool
+        # that Ray restarts and retries, printing each actor's traceback
+        probe_cuda(ray, job="embed")
     use_gpu, actors, threads, actor_res = plan_actors(resources, args.device, args.actors, args.threads)
     say(f"embed: model {model_id} (dim {dim}), {inputs.what}, {actors} {'GPU' if use_gpu else 'CPU'} actor(s), "
         f"{threads} thread(s), batch {args.batch_size}"

@@ -21,7 +21,7 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 
 from dataclasses import replace
 
-from cluster.errors import is_lost_on_ray
+from cluster.errors import actor_init_error, is_lost_on_ray
 from pipelines._cli import add_ray_arguments, init_ray, make_parser, run_main
 from pipelines._rerank import add_rerank_arguments, rerank_config
 
@@ -99,6 +99,9 @@ def main(argv=None) -> int:
     try:
         return answer(args)
     except Exception as e:
+        why = actor_init_error(e) if args.ray else None
+        if why:  # a shard actor could not open its shard on its node
+            raise RuntimeError(f"a shard actor failed to start: {why}; no results written") from e
         if args.ray and is_lost_on_ray(e):  # one line, not Ray's traceback; nothing was published
             raise RuntimeError(f"a shard actor was lost mid-query ({type(e).__name__}: its node died?); "
                                f"no results written to {args.out}; re-run the query") from e

@@ -31,6 +31,8 @@ import os
 import tempfile
 import time
 
+from cluster.errors import last_error_line
+from cluster.gpus import auto_cpu_reason, probe_cuda, wait_for_gpus
 from pipelines._cli import add_ray_arguments, init_ray, make_parser, run_main
 
 STATE_FILE = "state.pt"
@@ -85,7 +87,9 @@ SHORTCUTS = [
      "where Ray Train keeps checkpoints, local or URI"),
     ("--output", "run.output", str, "final model directory"),
     ("--num-workers", "run.num_workers", int, "training workers (DDP ranks)"),
-    ("--use-gpu", "run.use_gpu", str, "auto | true | false; auto = GPU if the cluster has one"),
+    ("--use-gpu", "run.use_gpu", str,
+     "auto | true | false; auto = GPU if the cluster has one now; true waits for GPU nodes"),
+    ("--gpu-wait", "run.gpu_wait_s", float, "--use-gpu true: seconds to wait for GPU nodes to join"),
     ("--cpus-per-worker", "run.cpus_per_worker", int, "CPUs reserved per worker"),
     ("--max-failures", "run.max_failures", int, "worker-group restarts from the last checkpoint"),
 ]
@@ -410,12 +414,17 @@ def run_training(cfg, address: str | None = None, num_cpus: int | None = None) -
 
     init_ray(address, num_cpus, worker_output=True)
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     use_gpu = {"true": True, "false": False}.get(cfg.run.use_gpu)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        if not use_gpu:
+            print(auto_cpu_reason("train", "--use-gpu"), flush=True)
+    if use_gpu:  # ask the autoscaler for one GPU per worker, wait, then check CUDA on one
+        wait_for_gpus(ray, cfg.run.gpu_wait_s, need=cfg.run.num_workers, job="train")
+        probe_cuda(ray, job="train")
     print(f"training {cfg.model.backbone} on {cfg.run.num_workers} worker(s), "
           f"{'GPU' if use_gpu else 'CPU'}, {cfg.model.num_classes} classes", flush=True)
     run_dir = os.path.join(storage, cfg.run.name)
@@ -434,13 +443,23 @@ def run_training(cfg, address: str | None = None, num_cpus: int | None = None) -
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:  # the workers' first error line, not Ray's report
+        raise RuntimeError(f"training failed: {worker_error_line(e)}") from e
     if result.checkpoint is None:
         raise RuntimeError("training produced no checkpoint")
     model_id = export_model(result.checkpoint, cfg, output)
     final = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, dict)}
     return {"metrics": final, "model_id": model_id, "output": output,
             "seconds": time.perf_counter() - t0}
+
+
+def worker_error_line(e: BaseException) -> str:
+    """One line for a failed Ray Train run: the innermost error of the first worker's failure
+    (Ray's report repeats tracebacks), else of the report itself."""
+    failures = getattr(e, "worker_failures", None) or {}
+    return last_error_line(str(next(iter(failures.values()))) if failures else str(e))
 
 
 def export_model(checkpoint, cfg, output: str) -> str:
