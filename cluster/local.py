@@ -339,7 +339,11 @@ def add_node(head: LocalHead, name: str, num_cpus: int = 1, num_gpus: int = 0,
         raise ValueError(f"node {name!r} already exists")
     res = {node_resource(name): 1, **(resources or {})}
     agent, metrics, rt_env = free_ports(3)
-    cmd = [ray_executable(), "start", "--address", head.gcs_address,
+    # Its own temp dir, as a machine of its own has: nodes sharing one would share the
+    # runtime-env folder, and a node unpacking a job's working_dir there replaces the folder
+    # that a job driver on another node is running in (its cwd vanishes mid-job).
+    temp_dir = os.path.join(head.state_dir, f"n-{name}")
+    cmd = [ray_executable(), "start", "--address", head.gcs_address, "--temp-dir", temp_dir,
            "--num-cpus", str(int(num_cpus)), "--num-gpus", str(int(num_gpus)),
            "--resources", json.dumps(res),
            "--dashboard-agent-listen-port", str(agent), "--metrics-export-port", str(metrics),

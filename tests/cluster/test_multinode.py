@@ -61,7 +61,21 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_embed_and_query_run_on_several_nodes_and_equal_one_process(cluster, data, tmp_path):
+def test_make_shards_as_a_job_equals_a_local_run(cluster, data, tmp_path):
+    import pyarrow.parquet as pq
+
+    r = submit(cluster, "pipelines/make_shards.py", "--format", "market1501", "--root", data / "data",
+               "--out", tmp_path / "shards", "--shard-size", "4", "--workers", "1")
+    assert r.exit_code == 0, r.message
+    a = pq.read_table(tmp_path / "shards" / "manifest.parquet")
+    b = pq.read_table(data / "shards" / "manifest.parquet")
+    assert a.num_rows == 26 and a.equals(b)
+    assert sorted(p.name for p in (tmp_path / "shards" / "shards").iterdir()) == \
+        sorted(p.name for p in (data / "shards" / "shards").iterdir())
+
+
+@pytest.mark.slow
+def test_embed_centroids_evaluate_and_query_run_on_several_nodes_and_equal_one_process(cluster, data, tmp_path):
     from contracts.results import read_results
     from contracts.vectors import read_vectors
     from model.embedding import ModelRunner
@@ -85,6 +99,30 @@ def test_embed_and_query_run_on_several_nodes_and_equal_one_process(cluster, dat
     for i, e in zip(got.image_ids, got.vectors):
         assert np.abs(e - ref_vec[i]).max() < 1e-5
 
+    # centroids: the groupby-mean's tasks on the cluster equal the one-process reference
+    from index.centroids.aggregate import centroids_reference
+
+    r = submit(cluster, "pipelines/centroids.py", "--embeddings", tmp_path / "emb", "--out", tmp_path / "cent")
+    assert r.exit_code == 0, r.message
+    cents = read_vectors(str(tmp_path / "cent" / "centroids.parquet"), kind="centroids")
+    ref_c = centroids_reference(got.item_ids, got.camera_ids, got.vectors)
+    order = {item: i for i, item in enumerate(ref_c.item_ids)}
+    assert sorted(cents.item_ids) == sorted(ref_c.item_ids)
+    for item, v in zip(cents.item_ids, cents.vectors):
+        assert np.abs(v - ref_c.embeddings[order[item]]).max() < 1e-5, item
+
+    # evaluate as a job: the same figures as in this process
+    from pipelines import evaluate
+
+    ev = ["--query", tmp_path / "emb", "--query-split", "query", "--gallery", tmp_path / "emb",
+          "--gallery-split", "gallery", "--mode", "both"]
+    r = submit(cluster, "pipelines/evaluate.py", *ev, "--out", tmp_path / "eval_job.json")
+    assert r.exit_code == 0, r.message
+    assert evaluate.main([*map(str, ev), "--out", str(tmp_path / "eval_local.json")]) == 0
+    job_rep = json.loads((tmp_path / "eval_job.json").read_text())
+    local_rep = json.loads((tmp_path / "eval_local.json").read_text())
+    assert [(m["mode"], m["mAP"], m["cmc"]) for m in job_rep] == [(m["mode"], m["mAP"], m["cmc"]) for m in local_rep]
+
     # an index of 2 shards searched by 2 shard actors (1 CPU each: 2 nodes) equals local search
     assert build_index.main(["--vectors", str(tmp_path / "emb"), "--root", str(tmp_path / "idx"),
                              "--name", "g", "--shards", "2", "--version", "v1"]) == 0
@@ -101,3 +139,41 @@ def test_embed_and_query_run_on_several_nodes_and_equal_one_process(cluster, dat
     for col in ("query_id", "rank", "item_id", "image_id"):
         assert a.column(col).to_pylist() == b.column(col).to_pylist()
     assert np.allclose(a.column("score").to_numpy(), b.column("score").to_numpy(), atol=1e-5)
+
+
+def _state(model_dir):
+    return torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_train_puts_its_ddp_ranks_on_two_nodes_and_equals_one_node(cluster, tmp_path, monkeypatch):
+    """2 DDP workers of 1 CPU: on 1-CPU nodes they must be on two nodes. The model equals the
+    same run's on one embedded Ray node (same seed: same data, same all-reduced gradients)."""
+    import ray
+
+    from pipelines import train
+    from tests.pipelines.test_train import _args, make_tiny_shards
+
+    shards = make_tiny_shards(tmp_path)
+    args = _args(shards, tmp_path, 2, extra=("--eval-every", "-1"))
+    args = [a for a in args if a not in ("--num-cpus", "4")]
+    before = {a[0] for a in actors(cluster)}
+    cluster_args = [*args[:args.index("--output")], "--output", str(tmp_path / "model_mn"),
+                    *args[args.index("--output") + 2:]]
+    r = submit(cluster, "pipelines/train.py", *cluster_args)
+    assert r.exit_code == 0, r.message
+    rank_nodes = {n for i, c, n in actors(cluster) if i not in before and "TrainWorker" in c}
+    assert len(rank_nodes) == 2, rank_nodes
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    one = [*args[:args.index("--output")], "--output", str(tmp_path / "model_1"),
+           *args[args.index("--output") + 2:], "--num-cpus", "2", "--name", "tiny1"]
+    try:
+        assert train.main(one) == 0
+    finally:
+        ray.shutdown()
+    a, b = _state(tmp_path / "model_mn"), _state(tmp_path / "model_1")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    assert json.loads((tmp_path / "model_mn" / "training.json").read_text())["epochs_trained"] == 2
