@@ -143,3 +143,49 @@ def test_query_ray_with_a_shard_node_killed_fails_in_one_line_and_writes_nothing
     assert len(errors) == 1 and "shard actor was lost" in errors.pop(), logs[-3000:]
     assert "Traceback" not in logs, logs[-3000:]
     assert not out.exists()  # never partial results
+
+
+def test_training_resumes_from_its_checkpoint_when_a_worker_node_is_killed(tmp_path):
+    """2 DDP ranks on w1 and w2; w1 is SIGKILLed after a few epochs and a replacement joins.
+    Ray Train restarts the worker group from the last checkpoint; the run ends with its planned
+    epochs, each epoch's record from one attempt, and the model is written only at the end."""
+    from model.checkpoint import load_model
+    from tests.pipelines.test_train import _args, make_tiny_shards
+
+    shards = make_tiny_shards(tmp_path)
+    epochs = 6
+    args = [a for a in _args(shards, tmp_path, epochs, extra=("--eval-every", "-1", "--steps-per-epoch",
+                                                             "12", "--max-failures", "3"))
+            if a not in ("--num-cpus", "4")]
+    history = tmp_path / "ray" / "tiny" / "epochs.jsonl"
+    model = tmp_path / "model"
+
+    def done_epochs():
+        return [json.loads(x)["epoch"] for x in history.read_text().splitlines()] if history.exists() else []
+
+    with local.local_cluster(nodes=3, head_cpus=0, node_cpus=1) as head:
+        result = {}
+        job = threading.Thread(target=lambda: result.update(r=submit(head, "pipelines/train.py", *args)))
+        job.start()
+        try:
+            wait_for(lambda: len(done_epochs()) >= 2, 600, "two epochs checkpointed")
+            at_kill = done_epochs()
+            assert len(at_kill) < epochs, "the run finished before the kill"
+            assert not model.exists()  # nothing published mid-run
+            assert local.kill_node(head, "w1")
+            local.add_node(head, "w3", num_cpus=1)
+        finally:
+            job.join(timeout=900)
+        r = result["r"]
+    assert r.exit_code == 0, r.message
+    rows = [json.loads(x) for x in history.read_text().splitlines()]
+    # every planned epoch finished; the ones after the kill by the restarted group, which
+    # resumed after the last checkpoint it had (an epoch in flight at the kill is re-run)
+    assert sorted({row["epoch"] for row in rows}) == list(range(epochs))
+    resumed = [row for row in rows if row["resumed_at"] > 0]
+    assert resumed and min(row["resumed_at"] for row in resumed) >= len(at_kill) - 1
+    assert resumed[0]["epoch"] == resumed[0]["resumed_at"]
+    training = json.loads((model / "training.json").read_text())
+    assert training["epochs_trained"] == epochs
+    net, cfg, _ = load_model(str(model))
+    assert cfg.num_classes == 8 and not net.training
