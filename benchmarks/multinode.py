@@ -8,11 +8,12 @@ differ, not the hardware): "1 node" is a head with --cpus CPUs; "3 nodes" is a h
 object store. On each, every stage is the real job submitted with `ray job submit`
 (cluster.jobs), timed from submission to the job's end (so each figure includes ~the same job
 start-up): make_shards, embed (2 model actors), centroids, build_index (2 shards), query --ray
-(one actor per shard), evaluate. Training is left out (minutes even with a tiny backbone on
-shared CPUs). Then, on a fresh 3-node cluster, embed once more while worker w1 is SIGKILLed
-when about half the batches are done and a replacement node joins (what an autoscaler does):
-the difference to the plain 3-node embed is what the lost node cost. The model is a random
-ResNet-18 at 32x16 (speed only; no weights are downloaded).
+(one actor per shard), evaluate, and train (2 DDP ranks of 1 CPU: one per worker node on 3
+nodes; a few short epochs of ResNet-18 at 32x16 from random weights). Then, on fresh 3-node
+clusters, embed and train once more while worker w1 is SIGKILLed (embed: at about half the
+batches; train: after its first checkpoints) and a replacement node joins (what an autoscaler
+does): the difference to the plain 3-node run is what the lost node cost. The embedding model
+is a random ResNet-18 at 32x16 (speed only; no weights are downloaded).
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
@@ -63,7 +64,19 @@ def stages(work: pathlib.Path, run: pathlib.Path) -> list[tuple[str, str, list[s
         ("evaluate", "pipelines/evaluate.py",
          ["--results", res, "--query", emb, "--query-split", "query", "--gallery-labels", emb,
           "--gallery-split", "gallery", "--out", run / "report.json"]),
+        ("train", "pipelines/train.py", train_args(run / "shards" / "shards", run / "train")),
     ]
+
+
+TRAIN_EPOCHS = 4
+
+
+def train_args(shards: pathlib.Path, out: pathlib.Path) -> list:
+    return ["--shards", shards, "--backbone", "resnet18", "--input-size", "32", "16", "--P", "4",
+            "--M", "4", "--epochs", TRAIN_EPOCHS, "--steps-per-epoch", "10", "--warmup-epochs", "1",
+            "--num-workers", "2", "--cpus-per-worker", "1", "--loader-threads", "1",
+            "--eval-every", "-1", "--use-gpu", "false", "--max-failures", "3", "--name", "bench",
+            "--storage-path", out / "ray", "--output", out / "model"]
 
 
 def submit(head, script: str, args: list) -> float:
@@ -123,6 +136,34 @@ def embed_with_a_lost_node(work: pathlib.Path, cpus: int, images: int, batch: in
     return {"embed": result["s"], "batches_before_kill": killed_at, "batches_total": len(os.listdir(progress))}
 
 
+def train_with_a_lost_node(work: pathlib.Path, cpus: int) -> dict:
+    """Train on head 0 + 2 workers; SIGKILL w1 after 2 epochs are checkpointed, add w3."""
+    from cluster import local
+
+    run = work / "lost_node_train"
+    history = run / "ray" / "bench" / "epochs.jsonl"
+    with local.local_cluster(nodes=3, head_cpus=0, node_cpus=cpus // 2) as head:
+        result = {}
+        job = threading.Thread(target=lambda: result.update(
+            s=submit(head, "pipelines/train.py", train_args(work / "3_nodes" / "shards" / "shards", run))))
+        job.start()
+        deadline = time.monotonic() + 1800
+        def epochs():
+            return len(history.read_text().splitlines()) if history.exists() else 0
+        while epochs() < 2 and job.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        killed_after = epochs()
+        if job.is_alive():
+            local.kill_node(head, "w1")
+            local.add_node(head, "w3", num_cpus=cpus // 2)
+        job.join()
+    if "s" not in result:
+        raise SystemExit("train with a lost node failed")
+    rows = [json.loads(x) for x in history.read_text().splitlines()]
+    return {"train": result["s"], "epochs_before_kill": killed_after,
+            "epoch_records": len(rows), "resumed_at": max(r["resumed_at"] for r in rows)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="scratch directory (data, outputs)")
@@ -143,6 +184,7 @@ def main(argv=None) -> int:
 
     images = len(read_vectors(str(work / "3_nodes" / "emb"), kind="embeddings"))
     lost = embed_with_a_lost_node(work, a.cpus, images)
+    lost_train = train_with_a_lost_node(work, a.cpus)
     rows = [(s, one[s], three[s]) for s in one]
     print(f"\n{'stage':<14}{'1 node x ' + str(a.cpus) + ' CPU':>18}{'3 nodes (0+2x' + str(a.cpus // 2) + ')':>20}")
     for s, x, y in rows:
@@ -150,9 +192,14 @@ def main(argv=None) -> int:
     print(f"{'total':<14}{sum(one.values()):>16.1f} s{sum(three.values()):>18.1f} s")
     print(f"embed with w1 killed after {lost['batches_before_kill']} of ~{images // 32} batches and a "
           f"replacement added: {lost['embed']} s (vs {three['embed']} s without the loss)")
+    print(f"train with w1 killed after {lost_train['epochs_before_kill']} of {TRAIN_EPOCHS} epochs and a "
+          f"replacement added: {lost_train['train']} s (vs {three['train']} s without the loss; "
+          f"resumed after epoch {lost_train['resumed_at'] - 1})")
     result = {"images": images, "items": a.items, "images_per_item": a.images_per_item,
               "cpus": a.cpus, "one_node_s": one, "three_nodes_s": three, "lost_node": lost,
               "lost_node_cost_s": round(lost["embed"] - three["embed"], 1),
+              "lost_node_train": lost_train,
+              "lost_node_train_cost_s": round(lost_train["train"] - three["train"], 1),
               "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "load_avg_at_start": os.getloadavg()},
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
