@@ -43,11 +43,13 @@ K1, K2, LAMBDA = 20, 6, 0.3
 # ---------------------------------------------------------------------------- the data
 
 def synthetic(num_query: int, num_gallery: int, dim: int, seed: int = 0) -> dict:
-    """Clustered vectors (benchmarks/rerank.py's generator), cameras 1..6 per gallery item and
-    a random camera per query: every query keeps 5 cross-camera matches."""
+    """Clustered vectors (benchmarks/rerank.py's generator, look-alikes close and noise high
+    enough that plain mAP is ~0.6, not ~1: agreement is then a real check), cameras 1..6 per
+    gallery item and a random camera per query: every query keeps 5 cross-camera matches."""
     from rerank import clustered_vectors
 
-    q, g, qi, gi = clustered_vectors(num_query, num_gallery, dim, per_item=6, seed=seed)
+    q, g, qi, gi = clustered_vectors(num_query, num_gallery, dim, per_item=6, seed=seed,
+                                     spread=0.6, noise=1.5)
     rng = np.random.default_rng(seed + 1)
     return {"q": q, "g": g, "q_pids": qi.astype(np.int64), "g_pids": gi.astype(np.int64),
             "q_cams": rng.integers(1, 7, len(qi)).astype(np.int64),
@@ -60,11 +62,15 @@ def from_embeddings(path: str) -> dict:
 
     q = read_vectors(path, kind="embeddings", split="query")
     g = read_vectors(path, kind="embeddings", split="gallery")
-    codes = {item: i for i, item in enumerate(sorted(set(q.item_ids) | set(g.item_ids)))}
-    return {"q": q.vectors, "g": g.vectors,
+    # Market-1501's junk images (item "-1") are left out of the gallery, as torchreid's dataset
+    # loader does and as evaluate.py does itself
+    keep = np.asarray(g.item_ids) != "-1"
+    g_items, g_vectors, g_cams = np.asarray(g.item_ids)[keep], g.vectors[keep], g.camera_ids[keep]
+    codes = {item: i for i, item in enumerate(sorted(set(q.item_ids) | set(g_items)))}
+    return {"q": q.vectors, "g": g_vectors,
             "q_pids": np.array([codes[i] for i in q.item_ids], np.int64),
-            "g_pids": np.array([codes[i] for i in g.item_ids], np.int64),
-            "q_cams": q.camera_ids.astype(np.int64), "g_cams": g.camera_ids.astype(np.int64)}
+            "g_pids": np.array([codes[i] for i in g_items], np.int64),
+            "q_cams": q.camera_ids.astype(np.int64), "g_cams": g_cams.astype(np.int64)}
 
 
 def write_inputs(d: dict, folder: pathlib.Path) -> None:

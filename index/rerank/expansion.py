@@ -36,17 +36,18 @@ def expansion_weights(scores: np.ndarray, ids: np.ndarray, alpha: float = 0.0) -
 
 
 def weighted_expansion(base: np.ndarray, vectors: np.ndarray, ids: np.ndarray, weights: np.ndarray,
-                       base_weight: float = 1.0, chunk: int = 8192) -> np.ndarray:
+                       base_weight: float = 1.0, budget: int = 64 << 20) -> np.ndarray:
     """normalise(base_weight * base[i] + sum_j weights[i, j] * vectors[ids[i, j]]).
 
     base: (n, D) float32; vectors: (m, D) float32; ids: (n, k) int64 rows of `vectors`
     (-1 ignored); weights: (n, k) float32. Returns (n, D) float32 L2-normalised. Works in chunks
-    of rows, holding at most (chunk, k, D) gathered vectors."""
+    of rows whose gathered (rows, k, D) vectors take about `budget` bytes."""
     base = np.asarray(base, np.float32)
     ids = np.asarray(ids, np.int64)
     if ids.shape[0] != len(base) or np.shape(weights) != ids.shape:
         raise ValueError(f"ids {ids.shape} / weights {np.shape(weights)} do not match base {base.shape}")
     out = np.empty_like(base)
+    chunk = max(16, budget // (4 * max(1, ids.shape[1]) * max(1, base.shape[1])))
     for s in range(0, len(base), chunk):
         e = min(s + chunk, len(base))
         w = np.where(ids[s:e] >= 0, weights[s:e], 0).astype(np.float32)
@@ -100,7 +101,7 @@ def query_expansion(query: np.ndarray, gallery: np.ndarray, n: int = 5, alpha: f
 
 
 def database_augmentation(gallery: np.ndarray, n: int = 5, alpha: float = 0.0,
-                          search_fn: SearchFn | None = None, chunk: int = 65536) -> np.ndarray:
+                          search_fn: SearchFn | None = None, chunk: int = 8192) -> np.ndarray:
     """DBA of gallery (G, D) float32 L2-normalised: every vector replaced by the weighted mean of
     itself and its top-n gallery neighbours, then re-normalised. search_fn searches the gallery
     (default exact flat inner product); it is asked for n + 1 neighbours (the vector itself is

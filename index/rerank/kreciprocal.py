@@ -374,19 +374,24 @@ def resolve_max_distance(max_distance: str | float, n: int) -> str | float:
 
 
 def farthest_in_sample(x: np.ndarray, sample_size: int = 8192, seed: int = 0,
-                       chunk: int = 16384) -> np.ndarray:
+                       budget: int = 64 << 20) -> np.ndarray:
     """(n,) float32 largest squared distance 2 - 2 cos from each row of x (n, D) float32 to a
-    random sample of rows of x: an estimate of the reference's row normaliser."""
+    random sample of rows of x: an estimate of the reference's row normaliser. The products are
+    taken in row chunks of about `budget` bytes."""
     rng = np.random.default_rng(seed)
     sample = x[np.sort(rng.choice(len(x), min(sample_size, len(x)), replace=False))]
     out = np.empty(len(x), np.float32)
+    chunk = max(64, budget // (4 * len(sample)))
     for rows in _row_chunks(len(x), chunk):
         out[rows] = 2.0 - 2.0 * (x[rows] @ sample.T).min(axis=1)
     return out
 
 
-def _pair_dots(x: np.ndarray, a: np.ndarray, b: np.ndarray, block: int = 1 << 17) -> np.ndarray:
+def _pair_dots(x: np.ndarray, a: np.ndarray, b: np.ndarray, budget: int = 32 << 20) -> np.ndarray:
+    """(n,) float32 dots x[a[i]] . x[b[i]]; the two gathered blocks hold at most ~`budget` bytes
+    (a fixed row count held 1.3 GB at D=1280)."""
     out = np.empty(len(a), np.float32)
+    block = max(256, budget // (2 * 4 * max(1, x.shape[1])))
     for s in range(0, len(a), block):
         e = min(s + block, len(a))
         out[s:e] = np.einsum("ij,ij->i", x[a[s:e]], x[b[s:e]])
@@ -497,7 +502,7 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     stats["max_distance"] = max_distance
     if max_distance == "search":
         far = np.empty(n, np.float32)
-        for rows in _row_chunks(n, 65536):
+        for rows in _row_chunks(n, max(1024, (64 << 20) // (4 * x.shape[1]))):  # -x is a copy
             s, _ = search_fn(-x[rows], 1)
             far[rows] = 2.0 + 2.0 * s[:, 0]  # 2 - 2 * (min cos)
     elif max_distance == "sample":

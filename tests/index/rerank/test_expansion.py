@@ -115,3 +115,15 @@ def test_qe_and_dba_raise_map_on_clustered_data():
     assert aqe_alpha > base + 0.01
     assert dba > base + 0.01
     assert both > max(aqe, dba)
+
+
+def test_weighted_expansion_chunks_by_bytes_not_rows():
+    """The gathered (rows, k, D) block is bounded by bytes: a tiny budget (one chunk per 16
+    rows) gives the same result as one chunk."""
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((50, 64)).astype(np.float32)
+    base = rng.standard_normal((40, 64)).astype(np.float32)
+    ids = rng.integers(-1, 50, (40, 4))
+    w = rng.random((40, 4)).astype(np.float32)
+    np.testing.assert_allclose(weighted_expansion(base, vecs, ids, w, budget=1),
+                               weighted_expansion(base, vecs, ids, w), atol=1e-6)
