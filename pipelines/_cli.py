@@ -136,6 +136,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, worker_out
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Ray renices its workers by +15 (RAY_worker_niceness): on a machine shared with anything
+        # else the job's real work then runs behind it (train.py's Ray Train worker trained at
+        # 0.4x a plain loop beside one background process). The embedded Ray's workers keep
+        # the priority the job was started with.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     try:
         from ray.data import DataContext

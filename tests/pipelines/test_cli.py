@@ -38,3 +38,21 @@ def test_unknown_option_is_a_one_line_error(job, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert "--no-such-option" in err or "required" in err or "invalid choice" in err, err
+
+
+@pytest.mark.slow
+def test_embedded_ray_workers_keep_the_jobs_priority(monkeypatch):
+    """Ray renices workers by +15 by default; the embedded Ray of a job must not."""
+    import os
+
+    import ray
+
+    from pipelines._cli import init_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    init_ray(None, 1)
+    try:
+        assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)
+    finally:
+        ray.shutdown()
