@@ -3,8 +3,8 @@
     python benchmarks/query_rerank_scale.py --queries 10000 --gallery 300000 --dim 1280
     python benchmarks/query_rerank_scale.py --queries 2000 --gallery 60000 --profile /tmp/q.svg
 
-Synthetic ReID-like vectors (benchmarks/rerank.py's generator: look-alike groups, 30 images
-per item) are written as embeddings Parquet, an index of --shards shards is built with
+Synthetic ReID-like vectors (benchmarks/rerank.py's generator: look-alike groups close and
+noise high enough that plain mAP is well below 1, 30 images per item) are written as embeddings Parquet, an index of --shards shards is built with
 build_index.py (--index-type, default auto), then the real job
 `query.py --k 100 --rerank kreciprocal` runs in its own process: its wall time and peak RSS
 (wait4) are the figures, and evaluate.py scores its lists (mAP@k, Rank-1) beside the plain
@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = {"pipelines", "index", "model", "contracts", "serving", "cluster"}
 
 
 def write_data(work: pathlib.Path, queries: int, gallery: int, dim: int) -> None:
@@ -35,7 +36,7 @@ def write_data(work: pathlib.Path, queries: int, gallery: int, dim: int) -> None
 
     if (work / "gallery.parquet").exists() and (work / "query.parquet").exists():
         return
-    q, g, qi, gi = clustered_vectors(queries, gallery, dim, per_item=30, seed=0)
+    q, g, qi, gi = clustered_vectors(queries, gallery, dim, per_item=30, seed=0, spread=0.6, noise=1.5)
     rng = np.random.default_rng(1)
     for name, x, items, cams in (("query", q, qi, rng.integers(1, 7, len(qi))),
                                  ("gallery", g, gi, np.arange(len(gi)) % 6 + 1)):
@@ -81,7 +82,8 @@ def profile_shares(raw: pathlib.Path) -> dict[str, float]:
         for frame in stack.split(";"):
             name, _, where = frame.partition(" (")
             path = where.rsplit(":", 1)[0]
-            if str(REPO) in path and ".venv" not in path:
+            rel = path.replace(str(REPO) + "/", "")  # py-spy writes paths relative to the cwd
+            if rel.split("/", 1)[0] in PACKAGES:
                 key = f"{name} ({path.replace(str(REPO) + '/', '')})"
                 if key not in seen:
                     seen.add(key)
@@ -100,7 +102,7 @@ def main() -> int:
     p.add_argument("--profile", default=None, metavar="FILE", help="run the query under py-spy; stacks to FILE")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     a = p.parse_args()
-    work = pathlib.Path(a.work).resolve() / f"{a.queries}x{a.gallery}x{a.dim}"
+    work = pathlib.Path(a.work).resolve() / f"{a.queries}x{a.gallery}x{a.dim}-hard"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     write_data(work, a.queries, a.gallery, a.dim)
