@@ -414,7 +414,13 @@ def run_training(cfg, address: str | None = None, num_cpus: int | None = None) -
 
     init_ray(address, num_cpus, worker_output=True)
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
     from ray.train.torch import TorchTrainer
 
     use_gpu = {"true": True, "false": False}.get(cfg.run.use_gpu)
