@@ -20,6 +20,7 @@ import numpy as np
 
 from index.rerank import expansion
 from index.rerank.diffusion import diffusion_rerank, knn_graph
+from index.rerank.graph import GalleryGraph
 from index.rerank.kreciprocal import RerankResult, k_reciprocal_sparse
 from index.rerank.neighbours import (
     SearchFn,
@@ -195,12 +196,13 @@ class PreparedGallery:
     batch given.
 
     gallery: (G, D) float32 L2-normalised; backend: FlatBackend() (default) or IndexBackend;
-    gallery_keep: (G,) bool, False for rows that take no part (junk).
+    gallery_keep: (G,) bool, False for rows that take no part (junk). neighbour_graph: the G
+    rows' stored GalleryGraph (index.rerank.graph), used by k-reciprocal without DBA.
     Attributes: rows (K,) int64 kept gallery rows, vectors (K, D) float32 (augmented by DBA),
     search over those K rows, config with topk capped at K."""
 
     def __init__(self, gallery: np.ndarray, config: RerankConfig, backend=None,
-                 gallery_keep: np.ndarray | None = None):
+                 gallery_keep: np.ndarray | None = None, neighbour_graph: GalleryGraph | None = None):
         backend = FlatBackend() if backend is None else backend
         keep = None if gallery_keep is None else np.asarray(gallery_keep, bool)
         if keep is not None and keep.shape != (len(gallery),):
@@ -219,6 +221,12 @@ class PreparedGallery:
             search = backend.augmented(search, g)
         self.config, self.rows, self.vectors, self.search = config, rows, g, search
         self._graph = None
+        # the stored gallery graph holds the original vectors' neighbours: DBA changes them
+        self.neighbour_graph = None
+        if neighbour_graph is not None and "kreciprocal" in config.methods and "dba" not in config.methods:
+            if len(neighbour_graph) != len(gallery):
+                raise ValueError(f"neighbour graph has {len(neighbour_graph)} rows, the gallery {len(gallery)}")
+            self.neighbour_graph = neighbour_graph if keep is None else neighbour_graph.restrict(rows)
 
     @property
     def graph(self):
@@ -243,7 +251,8 @@ class PreparedGallery:
         if "kreciprocal" in config.methods:
             return k_reciprocal_sparse(q, g, config.k1, config.k2, config.lambda_value, topk=config.topk,
                                        candidates=config.candidates, max_distance=config.max_distance,
-                                       search_fn=union_search_fn(q, search), gallery_search_fn=search)
+                                       search_fn=union_search_fn(q, search), gallery_search_fn=search,
+                                       neighbour_graph=self.neighbour_graph)
         if "diffusion" in config.methods:
             scores, ids = diffusion_rerank(q, g, search, config.topk, config.diffusion_k,
                                            config.diffusion_alpha, config.diffusion_gamma,

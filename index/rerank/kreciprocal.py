@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.rerank.neighbours import SearchFn, filtered_search_fn, flat_search_fn, union_search_fn
+from index.rerank.graph import GalleryGraph, union_neighbours
+from index.rerank.neighbours import SearchFn, filtered_search_fn, flat_search_fn, self_first, union_search_fn
 
 __all__ = ["AUTO_SEARCH_MAX", "RerankResult", "SparseRows", "expansion_weights", "farthest_in_sample",
            "jaccard_from_overlap", "jaccard_overlaps", "k_reciprocal_exact", "k_reciprocal_from_embeddings",
@@ -350,17 +351,6 @@ class RerankResult:
         return out
 
 
-def _self_first(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Neighbour lists with the point itself at position 0, as an exact ranking has it (an
-    approximate index may miss it, and duplicates may come before it)."""
-    is_self = ids == rows[:, None]
-    order = np.argsort(~is_self, axis=1, kind="stable")
-    out = np.take_along_axis(ids, order, axis=1)
-    missing = ~is_self.any(axis=1)
-    out[missing] = np.concatenate([rows[missing, None], ids[missing, :-1]], axis=1)
-    return out
-
-
 AUTO_SEARCH_MAX = 20_000
 
 
@@ -374,17 +364,46 @@ def resolve_max_distance(max_distance: str | float, n: int) -> str | float:
 
 
 def farthest_in_sample(x: np.ndarray, sample_size: int = 8192, seed: int = 0,
-                       budget: int = 64 << 20) -> np.ndarray:
+                       budget: int = 64 << 20, rows: np.ndarray | None = None,
+                       sample: np.ndarray | None = None) -> np.ndarray:
     """(n,) float32 largest squared distance 2 - 2 cos from each row of x (n, D) float32 to a
     random sample of rows of x: an estimate of the reference's row normaliser. The products are
-    taken in row chunks of about `budget` bytes."""
-    rng = np.random.default_rng(seed)
-    sample = x[np.sort(rng.choice(len(x), min(sample_size, len(x)), replace=False))]
-    out = np.empty(len(x), np.float32)
+    taken in row chunks of about `budget` bytes. rows: only these rows of x ((r,) int64; the
+    result is (r,)); sample: these (S, D) vectors instead of a sample of x."""
+    if sample is None:
+        rng = np.random.default_rng(seed)
+        sample = x[np.sort(rng.choice(len(x), min(sample_size, len(x)), replace=False))]
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows, np.int64)
+    out = np.empty(len(rows), np.float32)
     chunk = max(64, budget // (4 * len(sample)))
-    for rows in _row_chunks(len(x), chunk):
-        out[rows] = 2.0 - 2.0 * (x[rows] @ sample.T).min(axis=1)
+    for s in range(0, len(rows), chunk):
+        out[s:s + chunk] = 2.0 - 2.0 * (x[rows[s:s + chunk]] @ sample.T).min(axis=1)
     return out
+
+
+class _Union:
+    """Rows of [query; gallery] by index, without holding the (Q + G, D) concatenation (at
+    300,000 x 1280 a copy of 1.5 GB)."""
+
+    def __init__(self, query: np.ndarray, gallery: np.ndarray):
+        self.query, self.gallery = query, gallery
+        self.shape = (len(query) + len(gallery), query.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.arange(len(self))[idx] if isinstance(idx, slice) else np.asarray(idx, np.int64)
+        n_q = len(self.query)
+        if len(idx) and idx.min() >= n_q:
+            return self.gallery[idx - n_q]
+        if len(idx) and idx.max() < n_q:
+            return self.query[idx]
+        out = np.empty((len(idx), self.shape[1]), np.float32)
+        in_q = idx < n_q
+        out[in_q] = self.query[idx[in_q]]
+        out[~in_q] = self.gallery[idx[~in_q] - n_q]
+        return out
 
 
 def _pair_dots(x: np.ndarray, a: np.ndarray, b: np.ndarray, budget: int = 32 << 20) -> np.ndarray:
@@ -427,8 +446,8 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
                         lambda_value: float = 0.3, *, topk: int = 100, candidates: int | None = None,
                         search_fn: SearchFn | None = None, gallery_keep: np.ndarray | None = None,
                         max_distance: str | float = "auto", chunk: int = 4096,
-                        stats: dict | None = None, gallery_search_fn: SearchFn | None = None
-                        ) -> RerankResult:
+                        stats: dict | None = None, gallery_search_fn: SearchFn | None = None,
+                        neighbour_graph: GalleryGraph | None = None) -> RerankResult:
     """Scalable k-reciprocal re-ranking from neighbour lists; returns top-k lists per query
     ((Q, min(topk, kept G)) arrays, every entry filled when the searches list that many).
 
@@ -453,6 +472,10 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     neighbours are found. Memory O((Q + G) * (k1 + candidates)) plus the sparse rows of V.
     With an exact search the result equals the top-k of `k_reciprocal_from_embeddings`.
     stats: if a dict is given, it receives seconds per stage and the sizes of V.
+    neighbour_graph: the kept gallery rows' own GalleryGraph (index.rerank.graph, built once
+    per index version): the gallery rows' union lists are merged from it and the queries'
+    candidate lists instead of searched (the same lists with an exact index), and their row
+    normalisers come from it when its far_mode is the one max_distance resolves to.
     """
     import time
 
@@ -470,12 +493,14 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     _check_pair(query, gallery)
     keep = _keep_rows(gallery_keep, len(gallery))
     gallery_rows = np.flatnonzero(keep) if keep is not None else np.arange(len(gallery))
-    x = np.concatenate([query, gallery[gallery_rows]]) if keep is not None else np.concatenate([query, gallery])
+    x = _Union(query, gallery[gallery_rows] if keep is not None else gallery)  # no (Q + G, D) copy
     n_q, n = len(query), len(x)
+    if neighbour_graph is not None and len(neighbour_graph) != n - n_q:
+        raise ValueError(f"neighbour_graph has {len(neighbour_graph)} rows, the kept gallery {n - n_q}")
     candidates = max(k1 + 1, 2 * topk) if candidates is None else max(int(candidates), k1 + 1)
     n_g = n - n_q
     if search_fn is None:
-        gallery_search_fn = gallery_search_fn or flat_search_fn(x[n_q:])
+        gallery_search_fn = gallery_search_fn or flat_search_fn(x.gallery)
         search_fn = union_search_fn(query, gallery_search_fn)
     elif gallery_search_fn is None:
         union_search = search_fn
@@ -485,28 +510,52 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
 
     # neighbour lists over the union: every point needs its first max(k1+1, k2)
     k_all = min(max(k1 + 1, k2), n)
-    nn = np.empty((n, k_all), np.int64)
-    for rows in _row_chunks(n, 65536):
-        _, ids = search_fn(x[rows], k_all)
-        nn[rows] = _self_first(np.asarray(ids, np.int64), rows)
-    # each query's candidates: its nearest GALLERY rows (union row numbers), -1 padded
     n_cand = min(candidates, n_g)
+    use_graph = neighbour_graph is not None
+    # each query's candidates: its nearest GALLERY rows (union row numbers), -1 padded
     q_ids = np.full((n_q, n_cand), -1, np.int64)
+    n_search = max(n_cand, k_all) if use_graph else n_cand
+    c_ids = np.full((n_q, n_search), -1, np.int64)
+    c_sims = np.full((n_q, n_search), -np.inf, np.float32)
     for rows in _row_chunks(n_q, 65536):
-        _, ids = gallery_search_fn(query[rows], n_cand)
-        ids = np.asarray(ids, np.int64)[:, :n_cand]
-        q_ids[rows, :ids.shape[1]] = np.where(ids >= 0, ids + n_q, -1)
+        sc, ids = gallery_search_fn(query[rows], n_search)
+        ids = np.asarray(ids, np.int64)[:, :n_search]
+        c_ids[rows, :ids.shape[1]] = ids
+        c_sims[rows, :ids.shape[1]] = np.asarray(sc, np.float32)[:, :n_search]
+    q_ids[:] = np.where(c_ids[:, :n_cand] >= 0, c_ids[:, :n_cand] + n_q, -1)
+    if use_graph:
+        nn = union_neighbours(neighbour_graph, query, x.gallery, c_sims, c_ids, k_all,
+                              gallery_search_fn, stats)
+    else:
+        nn = np.empty((n, k_all), np.int64)
+        for rows in _row_chunks(n, 65536):
+            _, ids = search_fn(x[rows], k_all)
+            nn[rows] = self_first(np.asarray(ids, np.int64), rows)
+    del c_ids, c_sims
     lap("search")
 
     max_distance = resolve_max_distance(max_distance, n)
     stats["max_distance"] = max_distance
+    graph_far = use_graph and neighbour_graph.far_mode == max_distance
+    todo = n_q if graph_far else n  # with the graph's normalisers only the queries' are found here
     if max_distance == "search":
         far = np.empty(n, np.float32)
-        for rows in _row_chunks(n, max(1024, (64 << 20) // (4 * x.shape[1]))):  # -x is a copy
+        for rows in _row_chunks(todo, max(1024, (64 << 20) // (4 * x.shape[1]))):  # -x is a copy
             s, _ = search_fn(-x[rows], 1)
             far[rows] = 2.0 + 2.0 * s[:, 0]  # 2 - 2 * (min cos)
+        if graph_far:  # the gallery's farthest: the graph's (gallery) or a query's, exactly
+            s, _ = flat_search_fn(query)(-x.gallery, 1)
+            far[n_q:] = np.maximum(neighbour_graph.far, 2.0 + 2.0 * s[:, 0])
     elif max_distance == "sample":
-        far = farthest_in_sample(x, sample_size=8192)
+        if graph_far:  # the graph sampled the gallery; add the queries' share of a union sample
+            far = np.empty(n, np.float32)
+            far[:n_q] = farthest_in_sample(x, sample_size=8192, rows=np.arange(n_q))
+            share = min(n_q, max(1, round(min(8192, n) * n_q / n)))
+            q_sample = query[np.sort(np.random.default_rng(0).choice(n_q, share, replace=False))]
+            far[n_q:] = np.maximum(neighbour_graph.far, farthest_in_sample(
+                x, rows=np.arange(n_q, n), sample=q_sample))
+        else:
+            far = farthest_in_sample(x, sample_size=8192)
     else:
         far = np.full(n, float(max_distance), np.float32)
     far = np.maximum(far, np.float32(1e-12))

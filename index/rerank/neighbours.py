@@ -4,7 +4,8 @@
 - `union_search_fn`: a search over [query; gallery] from a search over the gallery (k-reciprocal);
 - `filtered_search_fn`: a search over the kept rows only (junk left out);
 - `rescored_search_fn`: a search over changed vectors (DBA) through the candidates of a search
-  over the original ones (the sharded index).
+  over the original ones (the sharded index);
+- `self_first`: neighbour lists with each point itself first.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["SearchFn", "filtered_search_fn", "flat_search_fn", "rescored_search_fn", "union_search_fn"]
+__all__ = ["SearchFn", "filtered_search_fn", "flat_search_fn", "rescored_search_fn", "self_first", "union_search_fn"]
 
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 """search_fn(x (n, D) float32, k) -> (scores (n, k) float32 inner products, higher is nearer;
@@ -116,3 +117,14 @@ def rescored_search_fn(search: SearchFn, vectors: np.ndarray, factor: int = 4) -
         return np.take_along_axis(s, top, axis=1), ids
 
     return search_new
+
+
+def self_first(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Neighbour lists with the point itself at position 0, as an exact ranking has it (an
+    approximate index may miss it, and duplicates may come before it)."""
+    is_self = ids == rows[:, None]
+    order = np.argsort(~is_self, axis=1, kind="stable")
+    out = np.take_along_axis(ids, order, axis=1)
+    missing = ~is_self.any(axis=1)
+    out[missing] = np.concatenate([rows[missing, None], ids[missing, :-1]], axis=1)
+    return out
