@@ -45,6 +45,10 @@ def parse_args(argv=None):
                         "queries of the original model through it")
     p.add_argument("--whiten-dim", type=int, default=None,
                    help="with --whiten: keep only the leading DIM components (default: all)")
+    p.add_argument("--rerank-graph", type=int, default=d.rerank_graph, metavar="K",
+                   help="store every vector's K nearest neighbours with the version, so that query.py "
+                        "--rerank kreciprocal merges the queries into them instead of searching the "
+                        "whole gallery again (K >= k1 + 1; 32 covers the defaults; default 0: none)")
     p.add_argument("--model", default=None, metavar="MODEL_DIR",
                    help="the model directory the vectors were embedded with: recorded in the version's "
                         "manifest so search.py / serve.py embed queries with it (checked against the "
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
     cfg = BuildConfig(shards=args.shards, index_type=args.index_type, max_memory_gb=args.max_memory,
                       target_recall=args.target_recall, eval_queries=args.eval_queries,
                       batch_size=args.batch_size, seed=args.seed,
-                      whitening=args.whiten, whiten_dim=args.whiten_dim,
+                      whitening=args.whiten, whiten_dim=args.whiten_dim, rerank_graph=args.rerank_graph,
                       use_gpu={"auto": None, "yes": True, "no": False}[args.gpu])
     res = build_index(args.vectors, args.root, args.name, cfg, publish=not args.no_publish,
                       version=args.version, progress=lambda m: print(m, flush=True),

@@ -181,7 +181,11 @@ def answer_reranked(index, args, config, meta) -> int:
         hits = index.search(x, k, labels=False)
         return hits.scores, hits.ids
 
-    prepared = PreparedGallery(gallery, config, IndexBackend(search), keep)
+    graph = stored_graph(index, config)
+    if graph is not None:
+        meta["rerank_graph"] = graph.k
+    prepared = PreparedGallery(gallery, config, IndexBackend(search), keep, graph)
+    del gallery  # the prepared gallery holds the rows it needs
     meta["score"] = "negated k-reciprocal distance" if "kreciprocal" in config.methods else \
         "negated diffusion distance" if "diffusion" in config.methods else "cosine of the expanded vectors"
     n = 0
@@ -199,6 +203,29 @@ def answer_reranked(index, args, config, meta) -> int:
         meta["rerank_seconds"] = round(time.perf_counter() - t0, 3)
     print(f"wrote {w.rows} rows for {n} queries to {args.out} (re-ranked in {meta['rerank_seconds']:.1f}s)")
     return 0
+
+
+def stored_graph(index, config):
+    """The version's gallery neighbour graph (build_index.py --rerank-graph) when k-reciprocal
+    can use it (no DBA, enough neighbours per row), else None; says which."""
+    import os
+
+    from index.rerank.graph import load_gallery_graph
+
+    record = index.manifest.get("rerank_graph")
+    if not record or "kreciprocal" not in config.methods:
+        return None
+    need = max(config.k1 + 1, config.k2)
+    if "dba" in config.methods or record["k"] < min(need, len(index)):
+        why = "DBA changes the vectors" if "dba" in config.methods else \
+            f"it keeps {record['k']} neighbours per vector, k1 = {config.k1} needs {need}"
+        print(f"note: not using the version's rerank graph ({why}): searching the gallery instead", flush=True)
+        return None
+    graph = load_gallery_graph(os.path.join(index.dir, record["file"]))
+    if len(graph) != len(index):
+        raise ValueError(f"{index.dir}: rerank graph has {len(graph)} rows, the index {len(index)}")
+    print(f"using the version's rerank graph ({graph.k} neighbours per vector)", flush=True)
+    return graph
 
 
 def _all_at_once(batches):

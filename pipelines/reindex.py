@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index shards (default: as the published version, 1 if none)")
     p.add_argument("--index-type", default=d["index_type"],
                    help="auto, flat, hnsw, ivf, ivfpq or a FAISS factory string (default %(default)s)")
+    p.add_argument("--rerank-graph", type=int, default=d["rerank_graph"], metavar="K",
+                   help="store every vector's K nearest neighbours with each version, for query.py "
+                        "--rerank kreciprocal (see build_index.py; default 0: none)")
     p.add_argument("--index-kind", default=d["index_kind"], choices=list(INDEX_KINDS),
                    help="index one centroid per item or every image embedding (default: as the "
                         "published version, centroids if none)")
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
         model_id=model_id, published_validation=args.published_validation, max_drop=args.max_drop,
         target_recall=args.target_recall, keep=args.keep, shards=args.shards, index_type=args.index_type,
         index_kind=args.index_kind, gate_k=args.gate_k, max_error_fraction=args.max_error_fraction,
-        max_shrink=args.max_shrink,
+        max_shrink=args.max_shrink, rerank_graph=args.rerank_graph,
         kill_after=os.environ.get(KILL_ENV) or None,
         model_dir=args.model if "://" in args.model else os.path.abspath(args.model))
     print(f"reindex: {manifest.num_rows} {args.split} images in {args.gallery_manifest}, model {model_id}, "

@@ -15,6 +15,8 @@ Steps (`build_index`):
 5. tune nprobe / efSearch to the smallest value reaching ``target_recall`` recall@10 against
    exact search, with the evaluation sample held back (not in the index while tuning, added
    right after), and record the achieved recall;
+5b. optionally (``rerank_graph``) store every vector's own nearest neighbours for k-reciprocal
+   re-ranking at query time (index.rerank.graph);
 6. write ``shard-NNN.faiss`` + ``shard-NNN.ids.parquet`` + manifest (sha256 of every file) into a
    temporary directory, rename it to the version name, then (optionally) publish CURRENT.
 """
@@ -30,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from contracts.vectors import (
@@ -42,6 +45,10 @@ from contracts.vectors import (
 )
 from index.ann.search import apply_search_params, exact_search, merge_topk
 from index.ann.versions import IndexHome, finalize_manifest, shard_files
+from index.rerank.backends import JUNK_ITEM
+from index.rerank.graph import GRAPH_FILE, build_gallery_graph, save_gallery_graph
+from index.rerank.neighbours import filtered_search_fn
+from index.rerank.kreciprocal import resolve_max_distance
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,7 @@ class BuildConfig:
     use_gpu: bool | None = None  # None: when faiss.get_num_gpus() > 0
     whitening: str | None = None  # a fitted PCA-whitening .npz (pipelines/whiten.py) applied
     whiten_dim: int | None = None  # to every vector and stored with the version; None = its dim
+    rerank_graph: int = 0  # neighbours per vector stored for k-reciprocal (index.rerank.graph); 0 = none
 
     def __post_init__(self):
         for name in ("shards", "batch_size", "eval_queries", "recall_k", "hnsw_m", "hnsw_ef_construction",
@@ -96,6 +104,8 @@ class BuildConfig:
             raise IndexBuildError(f"target recall must be in (0, 1], got {self.target_recall}")
         if self.max_memory_gb is not None and not self.max_memory_gb > 0:
             raise IndexBuildError(f"max_memory_gb must be > 0 or None, got {self.max_memory_gb}")
+        if self.rerank_graph < 0:
+            raise IndexBuildError(f"rerank_graph must be >= 0 (0 = no graph), got {self.rerank_graph}")
         if self.whiten_dim is not None and self.whiten_dim < 1:
             raise IndexBuildError(f"whiten_dim must be >= 1 or None, got {self.whiten_dim}")
 
@@ -412,8 +422,12 @@ def build_index(vectors: str, root: str, name: str, cfg: BuildConfig = BuildConf
         t = time.perf_counter()
         params, recall = _tune_and_complete(src, cfg, indexes, eval_vecs, eval_ids, added, say)  # 5.
         timings["tune_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        graph = _write_rerank_graph(src, cfg, indexes, params, tmp, say)  # 5b. (optional)
+        if graph:
+            timings["rerank_graph_s"] = time.perf_counter() - t
         manifest = _write_version(src, cfg, indexes, tmp, ver, added.sizes, params, recall,  # 6.
-                                  len(eval_ids), gpu, t0, timings, model_dir)
+                                  len(eval_ids), gpu, t0, timings, model_dir, graph)
     if publish:
         home.publish(ver)
     say(f"version {ver} written to {home.version_dir(ver)}"
@@ -594,9 +608,48 @@ def _tune_and_complete(src: _Source, cfg: BuildConfig, indexes: list, eval_vecs:
     return params, recall
 
 
+def _write_rerank_graph(src: _Source, cfg: BuildConfig, indexes: list, params: dict, tmp: str,
+                        say) -> dict | None:
+    """Step 5b (cfg.rerank_graph > 0): every vector's cfg.rerank_graph nearest vectors in the
+    finished shards (the index's own search, tuned parameters) and its farthest-point
+    normaliser, stored as GRAPH_FILE for k-reciprocal at query time (index.rerank.graph).
+    The normaliser is found as k-reciprocal's "auto" would for this many vectors: a k=1
+    search of -x up to AUTO_SEARCH_MAX, else the largest distance to 8,192 sampled vectors,
+    junk (item_id "-1") left out.
+    Returns the manifest record, or None."""
+    if not cfg.rerank_graph:
+        return None
+    k = min(cfg.rerank_graph, src.n_total)
+    for idx in indexes:
+        apply_search_params(idx, params)
+
+    def search(x, kk):
+        return merge_topk([idx.search(x, kk) for idx in indexes if idx.ntotal], kk)
+
+    # the normalisers leave junk out, as k-reciprocal's union does (a first pass finds it)
+    junk = np.concatenate([pc.equal(labels.column("item_id").cast(pa.string()), JUNK_ITEM)
+                           .fill_null(False).to_numpy(zero_copy_only=False)
+                           for labels, _ in src.batches(["item_id"], cfg.batch_size)])
+    mode = resolve_max_distance("auto", src.n_total)
+    sample, far_search = None, (None if not junk.any() or junk.all() else filtered_search_fn(search, ~junk))
+    if mode == "sample":  # a second pass gathers the sampled rows
+        kept = np.flatnonzero(~junk) if not junk.all() else np.arange(src.n_total)
+        want = np.sort(np.random.default_rng(cfg.seed).choice(kept, min(8192, len(kept)), replace=False))
+        sample, offset = np.empty((len(want), src.dim), np.float32), 0
+        for _, vecs in src.batches(["item_id"], cfg.batch_size):
+            sel = want[(want >= offset) & (want < offset + len(vecs))]
+            sample[np.searchsorted(want, sel)] = vecs[sel - offset]
+            offset += len(vecs)
+    graph = build_gallery_graph((v for _, v in src.batches(["item_id"], cfg.batch_size)), search, k,
+                                sample, far_search)
+    save_gallery_graph(graph, os.path.join(tmp, GRAPH_FILE))
+    say(f"rerank graph: {k} neighbours per vector, normalisers by {mode}")
+    return {"file": GRAPH_FILE, "k": k, "far_mode": graph.far_mode}
+
+
 def _write_version(src: _Source, cfg: BuildConfig, indexes: list, tmp: str, ver: str, sizes: np.ndarray,
                    params: dict, recall: float | None, n_eval: int, gpu: bool, t0: float,
-                   timings: dict, model_dir: str | None = None) -> dict:
+                   timings: dict, model_dir: str | None = None, graph: dict | None = None) -> dict:
     """Step 6: shard files, the whitening file if any and the manifest into `tmp` (the version
     directory, renamed into place by IndexHome.new_version). Returns the manifest."""
     import faiss
@@ -605,7 +658,7 @@ def _write_version(src: _Source, cfg: BuildConfig, indexes: list, tmp: str, ver:
     for s, idx in enumerate(indexes):
         faiss.write_index(idx, os.path.join(tmp, shard_files(s)[0]))
     timings["write_s"] = time.perf_counter() - t
-    extra = {}
+    extra = {"rerank_graph": graph} if graph else {}
     whitening, meta, vectors = src.whitening, src.meta, src.path
     if whitening is not None:  # stored with the version: queries go through the same file
         whitening.save(os.path.join(tmp, WHITENING_FILE))

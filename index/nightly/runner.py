@@ -134,6 +134,7 @@ class ReindexConfig:
     max_shrink: float = 0.1
     kill_after: str | None = None
     model_dir: str | None = None  # recorded in each version's manifest (image search, serving)
+    rerank_graph: int = 0  # neighbours per vector stored for k-reciprocal at query time; 0 = none
 
     def __post_init__(self) -> None:
         for name in ("work", "index_root"):
@@ -155,6 +156,8 @@ class ReindexConfig:
             raise ValueError(f"--max-shrink must be in [0, 1], got {self.max_shrink}")
         if not 0 <= self.max_error_fraction <= 1:
             raise ValueError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
+        if self.rerank_graph < 0:
+            raise ValueError(f"--rerank-graph must be >= 0 (0 = none), got {self.rerank_graph}")
         if self.gate_k < 1:
             raise ValueError(f"--gate-k must be >= 1, got {self.gate_k}")
         if self.kill_after is not None and self.kill_after not in STEPS:
@@ -164,7 +167,8 @@ class ReindexConfig:
         """Options whose change requires a rebuild even when no image changed (shards and kind as
         resolved by `resolve_layout`)."""
         return {"index_kind": index_kind or self.index_kind, "shards": shards or self.shards,
-                "index_type": self.index_type, "target_recall": self.target_recall}
+                "index_type": self.index_type, "target_recall": self.target_recall,
+                **({"rerank_graph": self.rerank_graph} if self.rerank_graph else {})}
 
 
 def resolve_layout(cfg: ReindexConfig, published: dict | None) -> tuple[int, str]:
@@ -457,7 +461,8 @@ class Reindexer:
         cfg = self.cfg
         t = time.perf_counter()
         vectors = os.path.join(run.cent_dir, CENTROIDS_FILE) if run.kind == "centroids" else run.emb_dir
-        bcfg = BuildConfig(shards=run.shards, index_type=cfg.index_type, target_recall=cfg.target_recall)
+        bcfg = BuildConfig(shards=run.shards, index_type=cfg.index_type, target_recall=cfg.target_recall,
+                           rerank_graph=cfg.rerank_graph)
         built = build_index(vectors, cfg.index_root, cfg.name, bcfg, publish=False,
                             version=run.version, progress=lambda m: self.say(f"reindex: build: {m}"),
                             model_dir=cfg.model_dir)

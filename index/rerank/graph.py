@@ -78,12 +78,15 @@ class GalleryGraph:
 
 
 def build_gallery_graph(batches: Iterable[np.ndarray], search_fn: SearchFn, k: int,
-                        sample: np.ndarray | None = None) -> GalleryGraph:
+                        sample: np.ndarray | None = None, far_search_fn: SearchFn | None = None
+                        ) -> GalleryGraph:
     """The graph of a gallery given as `batches` of its rows in order ((n_b, D) float32,
     L2-normalised) and `search_fn`, an inner-product search over those same rows (row numbers
     as ids). k: neighbours kept per row (the row itself included).
     sample: None finds each row's farthest row by a k=1 search of -x ("search"); an (S, D)
-    float32 array of gallery rows takes the largest distance to it instead ("sample")."""
+    float32 array of gallery rows takes the largest distance to it instead ("sample").
+    far_search_fn: the search for that farthest row (default search_fn; e.g. junk filtered out,
+    as k-reciprocal leaves junk out of the union)."""
     if k < 1:
         raise ValueError(f"gallery graph: k must be >= 1, got {k}")
     ids, sims, far = [], [], []
@@ -100,7 +103,7 @@ def build_gallery_graph(batches: Iterable[np.ndarray], search_fn: SearchFn, k: i
         ids.append(i)
         sims.append(s.astype(np.float32))
         if sample is None:
-            fs, _ = search_fn(-x, 1)
+            fs, _ = (far_search_fn or search_fn)(-x, 1)
             far.append(2.0 + 2.0 * np.asarray(fs, np.float32)[:, 0])
         else:
             far.append(_farthest_to(x, sample))

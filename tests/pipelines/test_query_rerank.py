@@ -199,3 +199,30 @@ def test_diffusion_from_the_index_improves_map(setup, capsys):
     code, _, err = run_cli(base + ["--out", str(tmp / "d_bad"), "--rerank", "diffusion",
                                    "--diffusion-alpha", "1.0"], capsys)
     assert code != 0 and "--diffusion-alpha" in err and "Traceback" not in err
+
+
+def test_stored_rerank_graph_gives_the_same_lists(setup, capsys, tmp_path):
+    """build_index --rerank-graph: query.py merges the queries into the stored graph instead of
+    searching the gallery again; with a flat index (junk present) the lists are the same."""
+    tmp, *_ = setup
+    build_index(str(tmp / "gallery.parquet"), str(tmp_path / "idx"), "g",
+                BuildConfig(shards=3, index_type="flat", rerank_graph=24))
+    with open_index(str(tmp_path / "idx" / "g")) as idx:
+        assert idx.manifest["rerank_graph"]["k"] == 24 and "rerank-graph.npz" in idx.manifest["files"]
+    args = ["--queries", str(tmp / "queries.parquet"), "--k", "20", "--split", "query",
+            "--rerank", "kreciprocal", "--k1", "12", "--k2", "4"]
+    code, plain_out, err = run_cli(["--index", str(tmp / "idx" / "g"), "--out", str(tmp_path / "plain")] + args, capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["--index", str(tmp_path / "idx" / "g"), "--out", str(tmp_path / "graph")] + args, capsys)
+    assert code == 0, err
+    assert "using the version's rerank graph (24 neighbours" in out and "rerank graph" not in plain_out
+    a, b = read_results(str(tmp_path / "plain")), read_results(str(tmp_path / "graph"))
+    assert a.column("item_id").to_pylist() == b.column("item_id").to_pylist()
+    assert a.column("image_id").to_pylist() == b.column("image_id").to_pylist()
+    np.testing.assert_allclose(a.column("score").to_numpy(), b.column("score").to_numpy(), atol=1e-5)
+    assert results_metadata(str(tmp_path / "graph"))["rerank_graph"] == 24
+    # too few neighbours stored for k1: said, and the gallery is searched as before
+    code, out, err = run_cli(["--index", str(tmp_path / "idx" / "g"), "--out", str(tmp_path / "k1")]
+                             + args[:-4] + ["--k1", "30"], capsys)
+    assert code == 0, err
+    assert "not using the version's rerank graph (it keeps 24 neighbours per vector, k1 = 30 needs 31)" in out
