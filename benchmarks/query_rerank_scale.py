@@ -1,14 +1,15 @@
 """query.py with k-reciprocal re-ranking at scale: wall time, peak memory, and where the time goes.
 
     python benchmarks/query_rerank_scale.py --queries 10000 --gallery 300000 --dim 1280
-    python benchmarks/query_rerank_scale.py --queries 2000 --gallery 60000 --profile /tmp/q.svg
+    python benchmarks/query_rerank_scale.py --queries 2000 --gallery 60000 --without-graph --profile /tmp/q
 
 Synthetic ReID-like vectors (benchmarks/rerank.py's generator: look-alike groups close and
 noise high enough that plain mAP is well below 1, 30 images per item) are written as embeddings Parquet, an index of --shards shards is built with
-build_index.py (--index-type, default auto), then the real job
+build_index.py (--index-type, default auto; --rerank-graph --graph-k: the stored gallery graph;
+with --without-graph also one without it), then the real job
 `query.py --k 100 --rerank kreciprocal` runs in its own process: its wall time and peak RSS
 (wait4) are the figures, and evaluate.py scores its lists (mAP@k, Rank-1) beside the plain
-search's. With --profile FILE, the re-ranked query runs under py-spy (`py-spy record --format
+search's. With --profile FILE, each re-ranked query runs under py-spy (to FILE.g / FILE.gg) (`py-spy record --format
 raw`: collapsed stacks, which flamegraph tools draw) and the share of samples under each of the
 project's functions (inclusive) is printed.
 Data and index are kept in --work and reused when they exist.
@@ -68,6 +69,21 @@ def score(work: pathlib.Path, results: pathlib.Path, log: pathlib.Path) -> dict:
     return {"mAP@k": round(r["mAP"], 4), "rank1": round(r["cmc"]["1"], 4)}
 
 
+def top_agreement(a: pathlib.Path, b: pathlib.Path, k: int) -> float:
+    """Share of (query, rank < k) positions where two result folders name the same image."""
+    import pyarrow.dataset as pads
+
+    def table(p):
+        t = pads.dataset(str(p), format="parquet").to_table(columns=["query_id", "rank", "image_id"])
+        t = t.filter(pads.field("rank") < k).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+        return t.column("query_id").to_pylist(), t.column("image_id").to_pylist()
+
+    (qa, ia), (qb, ib) = table(a), table(b)
+    if qa != qb:
+        return 0.0
+    return round(sum(x == y for x, y in zip(ia, ib)) / max(1, len(ia)), 4)
+
+
 def profile_shares(raw: pathlib.Path) -> dict[str, float]:
     """Collapsed stacks ("frame;frame;... count") -> {project function: inclusive share},
     largest first. A frame is "function (path:line)"; only frames in this repository count."""
@@ -101,6 +117,10 @@ def main() -> int:
     p.add_argument("--work", default="outputs/query_rerank_scale")
     p.add_argument("--profile", default=None, metavar="FILE", help="run the query under py-spy; stacks to FILE")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--graph-k", type=int, default=32, help="build_index --rerank-graph K (default 32)")
+    p.add_argument("--without-graph", action="store_true",
+                   help="also build an index without the stored graph and re-rank with it (the gallery "
+                        "searched on every call, as before the graph): time, memory, agreement")
     a = p.parse_args()
     work = pathlib.Path(a.work).resolve() / f"{a.queries}x{a.gallery}x{a.dim}-hard"
     work.mkdir(parents=True, exist_ok=True)
@@ -108,35 +128,50 @@ def main() -> int:
     write_data(work, a.queries, a.gallery, a.dim)
     print(f"data: {a.queries} x {a.gallery} x {a.dim} in {time.perf_counter() - t0:.0f}s", flush=True)
     idx = work / "idx"
-    if not (idx / "g" / "CURRENT").exists():
-        shutil.rmtree(idx, ignore_errors=True)
-        wall, rss = run([sys.executable, REPO / "pipelines" / "build_index.py", "--vectors",
-                         work / "gallery.parquet", "--root", idx, "--name", "g", "--shards", a.shards,
-                         "--index-type", a.index_type, "--version", "v1"], work / "build.log")
-        print(f"build_index: {wall} s, {rss} GB", flush=True)
-    base = [sys.executable, REPO / "pipelines" / "query.py", "--index", idx / "g", "--queries",
-            work / "query.parquet", "--k", "100", "--quiet"]
+    builds = {}
+    for name, extra in (("g", []), ("gg", ["--rerank-graph", str(a.graph_k)])):
+        if name == "g" and not a.without_graph:
+            continue
+        if not (idx / name / "CURRENT").exists():
+            shutil.rmtree(idx / name, ignore_errors=True)
+            wall, rss = run([sys.executable, REPO / "pipelines" / "build_index.py", "--vectors",
+                             work / "gallery.parquet", "--root", idx, "--name", name, "--shards", a.shards,
+                             "--index-type", a.index_type, "--version", "v1", *extra], work / f"build_{name}.log")
+            builds[name] = {"wall_s": wall, "peak_rss_gb": rss}
+            print(f"build_index{' ' + ' '.join(extra) if extra else ''}: {wall} s, {rss} GB", flush=True)
+    base = [sys.executable, REPO / "pipelines" / "query.py", "--queries", work / "query.parquet", "--k", "100",
+            "--quiet"]
     shutil.rmtree(work / "plain", ignore_errors=True)
-    plain_s, plain_gb = run([*base, "--out", work / "plain"], work / "plain.log")
+    plain_s, plain_gb = run([*base, "--index", idx / "gg", "--out", work / "plain"], work / "plain.log")
     plain = score(work, work / "plain", work / "eval_plain.log")
     print(f"query (no re-ranking): {plain_s} s, {plain_gb} GB, {plain}", flush=True)
-    shutil.rmtree(work / "kr", ignore_errors=True)
-    cmd = [*base, "--rerank", "kreciprocal", "--out", work / "kr"]
-    if a.profile:
-        spy = shutil.which("py-spy") or str(pathlib.Path(sys.executable).with_name("py-spy"))
-        cmd = [spy, "record", "--rate", "20", "--format", "raw", "-o", a.profile, "--", *cmd]
-    kr_s, kr_gb = run(cmd, work / "kr.log")
-    kr = score(work, work / "kr", work / "eval_kr.log")
-    print(f"query --rerank kreciprocal: {kr_s} s, {kr_gb} GB, {kr}"
-          + (" (under py-spy)" if a.profile else ""), flush=True)
-    shares = profile_shares(pathlib.Path(a.profile)) if a.profile else {}
-    for name, share in list(shares.items())[:20]:
-        print(f"   {share:6.1%}  {name}")
+    figures = {}
+    for label, name in (("kreciprocal (gallery searched)", "g"), ("kreciprocal (stored graph)", "gg")):
+        if name == "g" and not a.without_graph:
+            continue
+        shutil.rmtree(work / f"kr_{name}", ignore_errors=True)
+        cmd = [*base, "--index", idx / name, "--rerank", "kreciprocal", "--out", work / f"kr_{name}"]
+        prof = pathlib.Path(f"{a.profile}.{name}") if a.profile else None
+        if prof:
+            spy = shutil.which("py-spy") or str(pathlib.Path(sys.executable).with_name("py-spy"))
+            cmd = [spy, "record", "--rate", "20", "--format", "raw", "-o", prof, "--", *cmd]
+        kr_s, kr_gb = run(cmd, work / f"kr_{name}.log")
+        kr = score(work, work / f"kr_{name}", work / f"eval_kr_{name}.log")
+        print(f"query --rerank {label}: {kr_s} s, {kr_gb} GB, {kr}" + (" (under py-spy)" if prof else ""),
+              flush=True)
+        shares = profile_shares(prof) if prof else {}
+        for fn, share in list(shares.items())[:20]:
+            print(f"   {share:6.1%}  {fn}")
+        figures[label] = {"wall_s": kr_s, "peak_rss_gb": kr_gb, **kr,
+                          "profile_inclusive_shares": {k: round(v, 4) for k, v in list(shares.items())[:30]}}
+    if len(figures) == 2:
+        same = top_agreement(work / "kr_g", work / "kr_gg", 10)
+        print(f"stored graph vs gallery searched: top-10 ids agree {same:.4f}", flush=True)
+        figures["top10_agreement"] = same
     result = {"queries": a.queries, "gallery": a.gallery, "dim": a.dim, "shards": a.shards,
-              "index_type": a.index_type, "plain": {"wall_s": plain_s, "peak_rss_gb": plain_gb, **plain},
-              "kreciprocal": {"wall_s": kr_s, "peak_rss_gb": kr_gb, **kr},
+              "index_type": a.index_type, "graph_k": a.graph_k, "builds": builds,
+              "plain": {"wall_s": plain_s, "peak_rss_gb": plain_gb, **plain}, **figures,
               "load_avg": os.getloadavg(), "profiled": bool(a.profile),
-              "profile_inclusive_shares": {k: round(v, 4) for k, v in list(shares.items())[:30]},
               "command": "python benchmarks/query_rerank_scale.py " + " ".join(sys.argv[1:])}
     print(json.dumps(result))
     if a.out:
