@@ -28,6 +28,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from measure import own_peak_rss_bytes
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GIB = 1 << 30
 
@@ -56,7 +59,6 @@ def generate(out: pathlib.Path, rows: int, dim: int, items: int, cameras: int, f
 
 def numpy_pass(emb: str, result: str) -> None:
     """Child process: read whole, one np.add.at pass; writes timings + centroids to `result`."""
-    import resource
 
     import pyarrow.dataset as pads
 
@@ -82,7 +84,7 @@ def numpy_pass(emb: str, result: str) -> None:
     cents = (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
     t4 = time.perf_counter()
     np.save(result + ".npy", cents)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = own_peak_rss_bytes()  # its own, not its parent's (measure.py)
     with open(result, "w") as f:
         json.dump({"read_s": t1 - t0, "unique_s": t2 - t1, "add_at_s": t3 - t2, "finalise_s": t4 - t3,
                    "total_s": t4 - t0, "peak_bytes": peak, "items": items.tolist()}, f)

@@ -4,19 +4,19 @@
     python benchmarks/evaluate.py --queries 20000 --gallery 1000000 --dim 128
 
 Writes query/gallery Parquet files (embeddings contract) to --work, runs the real CLI in a child
-process and reports its wall time and peak RSS (getrusage of the child).
+process and reports its wall time and its own peak RSS (benchmarks/measure.py).
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
 import json
 import platform
-import resource
-import subprocess
 import tempfile
-import time
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from measure import run_measured
 
 from contracts.vectors import l2_normalize, make_embeddings_table
 
@@ -63,17 +63,18 @@ def main():
         write_split(g, rng, args.gallery, centers, items, args.cameras, "gallery")
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve().parents[1] / "pipelines" / "evaluate.py"),
                "--query", q, "--gallery", g, "--mode", args.mode, "--out", f"{work}/report.json"]
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if r.returncode:
-            sys.exit(f"evaluate.py failed: {r.stderr.strip()}")
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        with open(f"{work}/out.log", "w+") as fo, open(f"{work}/err.log", "w+") as fe:
+            code, wall, peak = run_measured(cmd, stdout=fo, stderr=fe)  # its own peak (measure.py)
+            fo.seek(0), fe.seek(0)
+            stdout, stderr = fo.read(), fe.read()
+        if code:
+            sys.exit(f"evaluate.py failed: {stderr.strip()}")
+        peak_mb = peak / 2**20
     data_mb = (args.queries + args.gallery) * args.dim * 4 / 2**20
     fig = {"queries": args.queries, "gallery": args.gallery, "dim": args.dim, "mode": args.mode,
            "wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb), "vectors_mb": round(data_mb),
            "machine": f"{platform.machine()} {platform.processor() or ''} cores={__import__('os').cpu_count()}"}
-    print(r.stdout.strip())
+    print(stdout.strip())
     print(json.dumps(fig))
     if args.json:
         with open(args.json, "a") as f:

@@ -8,7 +8,7 @@ noise high enough that plain mAP is well below 1, 30 images per item) are writte
 build_index.py (--index-type, default auto; --rerank-graph --graph-k: the stored gallery graph;
 with --without-graph also one without it), then the real job
 `query.py --k 100 --rerank kreciprocal` runs in its own process: its wall time and peak RSS
-(wait4) are the figures, and evaluate.py scores its lists (mAP@k, Rank-1) beside the plain
+(its own, benchmarks/measure.py) are the figures, and evaluate.py scores its lists (mAP@k, Rank-1) beside the plain
 search's. With --profile FILE, each re-ranked query runs under py-spy (to FILE.g / FILE.gg) (`py-spy record --format
 raw`: collapsed stacks, which flamegraph tools draw) and the share of samples under each of the
 project's functions (inclusive) is printed.
@@ -26,6 +26,8 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from measure import run_measured  # noqa: I001
 PACKAGES = {"pipelines", "index", "model", "contracts", "serving", "cluster"}
 
 
@@ -48,16 +50,14 @@ def write_data(work: pathlib.Path, queries: int, gallery: int, dim: int) -> None
 
 
 def run(cmd: list, log: pathlib.Path) -> tuple[float, float]:
-    """(wall s, peak RSS GB) of one child process; its output goes to `log`."""
+    """(wall s, peak RSS GB) of one child process (its own peak: benchmarks/measure.py); its
+    output goes to `log`."""
     with open(log, "w") as f:
-        t0 = time.perf_counter()
-        p = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status):
+        code, wall, peak = run_measured(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    if code:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         raise SystemExit(f"{cmd[1]} failed: {' | '.join(tail)}")
-    return round(wall, 1), round(usage.ru_maxrss * 1024 / 1e9, 2)
+    return round(wall, 1), round(peak / 1e9, 2)
 
 
 def score(work: pathlib.Path, results: pathlib.Path, log: pathlib.Path) -> dict:

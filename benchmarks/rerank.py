@@ -31,6 +31,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from measure import own_peak_rss_bytes
+
 
 def clustered_vectors(num_query: int, num_gallery: int, dim: int, per_item: int, seed: int = 0,
                       group_size: int = 20, spread: float = 0.8, noise: float = 1.2):
@@ -59,7 +62,7 @@ def clustered_vectors(num_query: int, num_gallery: int, dim: int, per_item: int,
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return own_peak_rss_bytes()  # its own, not its parent's (measure.py)
 
 
 def cpu_seconds() -> float:

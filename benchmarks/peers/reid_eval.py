@@ -6,7 +6,7 @@
 
 Each measurement is its own process, timed from its start to its exit (Python start, imports,
 reading the vectors and the work itself: the same footing for both), with its own peak RSS
-(the child's rusage from wait4):
+(benchmarks/measure.py: the child's own, not the launching process's):
 - torchreid `eval_market1501` (its Python form; source from torchreid's PyPI sdist at run time,
   benchmarks/peers/torchreid_source.py) on the squared-Euclidean distance matrix of the
   L2-normalised vectors, which is what torchreid computes for them;
@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np
+from measure import run_measured
 
 K1, K2, LAMBDA = 20, 6, 0.3
 
@@ -126,23 +126,18 @@ def ours_command(what: str, folder: pathlib.Path, report: pathlib.Path) -> list[
 
 
 def run_one(what: str, folder: pathlib.Path, cache: pathlib.Path) -> dict:
-    """One measurement in a fresh process (wait4 gives that process's own peak RSS)."""
+    """One measurement in a fresh process, with its own peak RSS (benchmarks/measure.py)."""
     report = folder / f"{what}.json"
     if what.startswith("torchreid"):
         cmd = [sys.executable, __file__, "--child", what, "--folder", str(folder), "--cache", str(cache)]
     else:
         cmd = ours_command(what, folder, report)
     log_out, log_err = folder / f"{what}.out", folder / f"{what}.err"
-    with open(log_out, "w") as fo, open(log_err, "w") as fe:  # files: a full pipe would block wait4
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=REPO)
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4
+    with open(log_out, "w") as fo, open(log_err, "w") as fe:  # files: a full pipe would block
+        code, wall, rss = run_measured(cmd, stdout=fo, stderr=fe, cwd=REPO)
     out, err = log_out.read_text(), log_err.read_text()
-    rss = usage.ru_maxrss * 1024  # Linux: KiB
-    if p.returncode:
-        raise SystemExit(f"{what} failed (exit {p.returncode}): {err.strip()[-400:]}")
+    if code:
+        raise SystemExit(f"{what} failed (exit {code}): {err.strip()[-400:]}")
     if what.startswith("torchreid"):
         lines = [ln for ln in out.splitlines() if ln.startswith("{")]
         if not lines:
