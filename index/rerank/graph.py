@@ -158,6 +158,16 @@ def _top_by_row(rows: np.ndarray, ids: np.ndarray, sims: np.ndarray, n_rows: int
     return out_i, out_s
 
 
+def _best(s1: np.ndarray, i1: np.ndarray, s2: np.ndarray, i2: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the k ids of the two lists (scores s, ids i, -1 = none) with the highest scores;
+    ties keep the first list's entries first."""
+    s = np.concatenate([s1, s2], axis=1)
+    i = np.concatenate([i1, i2], axis=1)
+    s = np.where(i >= 0, s, -np.inf)
+    top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(i, top, axis=1)
+
+
 def union_neighbours(graph: GalleryGraph, query: np.ndarray, gallery: np.ndarray,
                      cand_sims: np.ndarray, cand_ids: np.ndarray, k: int,
                      gallery_search_fn: SearchFn | None = None, stats: dict | None = None) -> np.ndarray:
@@ -182,11 +192,7 @@ def union_neighbours(graph: GalleryGraph, query: np.ndarray, gallery: np.ndarray
 
     # queries: the other queries exactly, the gallery from their candidate lists
     qs, qi = q_search(query, k)
-    s = np.concatenate([qs, cand_sims[:, :k]], axis=1)
-    i = np.concatenate([qi, np.where(cand_ids[:, :k] >= 0, cand_ids[:, :k] + n_q, -1)], axis=1)
-    s = np.where(i >= 0, s, -np.inf)
-    top = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    out[:n_q] = np.take_along_axis(i, top, axis=1)
+    out[:n_q] = _best(qs, qi, cand_sims[:, :k], np.where(cand_ids[:, :k] >= 0, cand_ids[:, :k] + n_q, -1), k)
 
     # gallery rows: graph entries plus the (query, row) pairs the candidate lists hold
     g_ids, g_sims = graph.ids[:, :max(k, 1)], graph.sims[:, :max(k, 1)]
@@ -208,25 +214,21 @@ def union_neighbours(graph: GalleryGraph, query: np.ndarray, gallery: np.ndarray
     unsure = np.flatnonzero(high > listed_high)
     short = np.flatnonzero(ok_g.sum(axis=1) < min(k, n_g))  # the graph's list lost entries
     unsure = np.setdiff1d(unsure, short)
-    if len(unsure):  # exact against the queries, with the graph for the gallery side
-        us, ui = q_search(gallery[unsure], k)
-        s = np.concatenate([us, g_sims[unsure]], axis=1)
-        i = np.concatenate([ui, np.where(g_ids[unsure] >= 0, g_ids[unsure] + n_q, -1)], axis=1)
-        s = np.where(i >= 0, s, -np.inf)
-        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        merged[unsure] = np.take_along_axis(i, top, axis=1)
-    if len(short):
-        if gallery_search_fn is None:
-            raise ValueError(f"{len(short)} gallery rows have short graph lists and no gallery search was given")
-        us, ui = q_search(gallery[short], k)
-        gs, gi = gallery_search_fn(gallery[short], k)
+    if len(short) and gallery_search_fn is None:
+        raise ValueError(f"{len(short)} gallery rows have short graph lists and no gallery search was given")
+    step = max(256, (64 << 20) // (4 * max(1, gallery.shape[1])))  # rows gathered at a time (~64 MB)
+    for part in (unsure[s:s + step] for s in range(0, len(unsure), step)):
+        # exact against the queries, with the graph for the gallery side
+        us, ui = q_search(gallery[part], k)
+        merged[part] = _best(us, ui, g_sims[part], np.where(g_ids[part] >= 0, g_ids[part] + n_q, -1), k)
+    for part in (short[s:s + step] for s in range(0, len(short), step)):
+        # the graph lost entries: search the gallery again (and the queries)
+        x = gallery[part]
+        us, ui = q_search(x, k)
+        gs, gi = gallery_search_fn(x, k)
         gi = np.asarray(gi, np.int64)
-        s = np.concatenate([us, np.asarray(gs, np.float32)], axis=1)
-        i = np.concatenate([ui, np.where(gi >= 0, gi + n_q, -1)], axis=1)
-        s = np.where(i >= 0, s, -np.inf)
-        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        got = np.take_along_axis(i, top, axis=1)
-        merged[short, :got.shape[1]] = got
+        got = _best(us, ui, np.asarray(gs, np.float32), np.where(gi >= 0, gi + n_q, -1), k)
+        merged[part, :got.shape[1]] = got
     out[n_q:] = merged
     if stats is not None:
         stats["graph_rows_searched"] = int(len(unsure))
