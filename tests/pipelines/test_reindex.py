@@ -489,3 +489,19 @@ def test_cli_defaults_are_the_config_defaults():
               if f.name in args and f.name != "batch_size" and f.default is not MISSING]
     assert len(shared) >= 9
     assert {f.name: args[f.name] for f in shared} == {f.name: f.default for f in shared}
+
+
+def test_rerank_graph_is_built_with_each_version(world, tmp_path):
+    """--rerank-graph K: the published version holds the graph, hashed in its manifest."""
+    from index.rerank.graph import load_gallery_graph
+    from pipelines.reindex import main
+
+    m1 = night(tmp_path, world["gallery"], "night1")
+    assert main(argv(world, m1, tmp_path, "--index-kind", "embeddings", "--rerank-graph", "12")) == 0
+    home = IndexHome.of(str(tmp_path / "indexes"), "gallery")
+    manifest = home.manifest()
+    assert manifest["rerank_graph"]["k"] == 12 and "rerank-graph.npz" in manifest["files"]
+    home.verify()
+    graph = load_gallery_graph(str(Path(home.version_dir(home.current())) / "rerank-graph.npz"))
+    assert len(graph) == manifest["num_vectors"] and graph.k == 12
+    assert (graph.ids[:, 0] == np.arange(len(graph))).mean() > 0.95  # a vector's nearest is itself

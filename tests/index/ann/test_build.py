@@ -185,7 +185,8 @@ def test_pq_recall_plateau_is_recorded_honestly(tmp_path):
                                          ({"eval_queries": 0}, "eval_queries must be >= 1"),
                                          ({"target_recall": 1.5}, "target recall"),
                                          ({"batch_size": 0}, "batch_size"),
-                                         ({"max_memory_gb": 0.0}, "max_memory_gb")])
+                                         ({"max_memory_gb": 0.0}, "max_memory_gb"),
+                                         ({"rerank_graph": -1}, "rerank_graph must be >= 0")])
 def test_build_config_rejects_bad_values_on_construction(kwargs, msg):
     from index.ann.build import IndexBuildError
 

@@ -14,6 +14,7 @@ BASE = {"work": "w", "index_root": "r", "name": "n", "validation": "v.parquet", 
     ({"max_shrink": -0.1}, "--max-shrink must be in"),
     ({"max_error_fraction": 2}, "--max-error-fraction must be in"),
     ({"gate_k": 0}, "--gate-k must be >= 1"),
+    ({"rerank_graph": -2}, "--rerank-graph must be >= 0"),
     ({"index_kind": "images"}, "index kind must be one of"),
     ({"kill_after": "lunch"}, "kill_after must be one of"),
     ({"work": "s3://bucket/work"}, "--work must be a local or mounted directory"),
@@ -27,3 +28,5 @@ def test_good_values_build():
     cfg = ReindexConfig(**BASE, shards=2, index_kind="embeddings")
     assert cfg.build_key() == {"index_kind": "embeddings", "shards": 2, "index_type": "auto",
                                "target_recall": 0.95}
+    # a stored rerank graph is part of what a version is built with: changing it rebuilds
+    assert ReindexConfig(**BASE, rerank_graph=32).build_key()["rerank_graph"] == 32
