@@ -31,12 +31,13 @@ def result_scores(result: RerankResult, config: RerankConfig) -> np.ndarray:
     return (1.0 - result.distances / 2.0).astype(np.float32)
 
 
-def load_index_vectors(index, path: str | None = None, batch_size: int = 65536) -> np.ndarray:
+def load_index_vectors(index, path: str | None = None, batch_size: int | None = None) -> np.ndarray:
     """The vectors a sharded index was built from, as an (N, D) float32 array whose row i is
     the vector of index id i.
 
     index: an open `index.ann.search.ShardedIndex`; path: vectors Parquet (default: the version
-    manifest's source). Raises ValueError when the file does not match the index (model,
+    manifest's source); batch_size: rows read at a time (default: about 32 MB of vectors; the
+    reader holds a few batches besides the result, 1.2 GB at 65,536 x 1280). Raises ValueError when the file does not match the index (model,
     dimension, row count, or the item_id / image_id of any id)."""
     from contracts.vectors import (
         VectorFileError,
@@ -69,6 +70,7 @@ def load_index_vectors(index, path: str | None = None, batch_size: int = 65536) 
     has_image = "image_id" in ds.schema.names and index.has_images
     cols = ["item_id"] + (["image_id"] if has_image else [])
     out = np.empty((n, index.dim), np.float32)
+    batch_size = batch_size or max(1024, (32 << 20) // (4 * max(1, meta.dim)))
     offset = 0
     for labels, vecs in iter_vector_batches(path, batch_size, columns=cols):
         ids = np.arange(offset, offset + len(vecs))

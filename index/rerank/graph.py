@@ -170,7 +170,8 @@ def _best(s1: np.ndarray, i1: np.ndarray, s2: np.ndarray, i2: np.ndarray, k: int
 
 def union_neighbours(graph: GalleryGraph, query: np.ndarray, gallery: np.ndarray,
                      cand_sims: np.ndarray, cand_ids: np.ndarray, k: int,
-                     gallery_search_fn: SearchFn | None = None, stats: dict | None = None) -> np.ndarray:
+                     gallery_search_fn: SearchFn | None = None, stats: dict | None = None,
+                     block: int = 1 << 16) -> np.ndarray:
     """Neighbour lists over the union U = [query; gallery] from the gallery's graph, as the
     k-reciprocal engine wants them: (Q + G, k) int64 union row numbers (queries 0..Q-1, gallery
     row g is Q + g), each point itself first, -1 padding only where U has fewer than k points.
@@ -178,7 +179,8 @@ def union_neighbours(graph: GalleryGraph, query: np.ndarray, gallery: np.ndarray
     graph: the gallery's GalleryGraph (G rows, K >= k); query (Q, D), gallery (G, D) float32;
     cand_sims, cand_ids: (Q, C) each query's nearest gallery rows (C >= k, as a gallery search
     returns them, -1 padding). gallery_search_fn: search over the gallery, used for the rows
-    whose graph list lost entries (restrict); needed only then. stats: gets the row counts."""
+    whose graph list lost entries (restrict); needed only then. stats: gets the row counts.
+    block: gallery rows merged at a time (memory)."""
     n_q, n_g = len(query), len(gallery)
     if len(graph) != n_g:
         raise ValueError(f"gallery graph has {len(graph)} rows, the gallery {n_g}")
@@ -198,10 +200,23 @@ def union_neighbours(graph: GalleryGraph, query: np.ndarray, gallery: np.ndarray
     g_ids, g_sims = graph.ids[:, :max(k, 1)], graph.sims[:, :max(k, 1)]
     ok_g = g_ids >= 0
     ok_c = cand_ids >= 0
-    rows = np.concatenate([np.repeat(np.arange(n_g), g_ids.shape[1])[ok_g.ravel()], cand_ids[ok_c]])
-    ids = np.concatenate([g_ids[ok_g] + n_q, np.repeat(np.arange(n_q), cand_ids.shape[1])[ok_c.ravel()]])
-    sims = np.concatenate([g_sims[ok_g], cand_sims[ok_c]])
-    merged, merged_s = _top_by_row(rows, ids, sims, n_g, k)
+    c_g = cand_ids[ok_c]  # the pairs by gallery row, so that each block of rows takes a slice
+    c_q = np.repeat(np.arange(n_q), cand_ids.shape[1])[ok_c.ravel()]
+    c_s = cand_sims[ok_c]
+    order = np.argsort(c_g, kind="stable")
+    c_g, c_q, c_s = c_g[order], c_q[order], c_s[order]
+    merged = np.full((n_g, k), -1, np.int64)
+    merged_s = np.full((n_g, k), -np.inf, np.float32)
+    # `block` rows merged at a time: the entries of all rows at once held ~1 GB at 300,000
+    for lo in range(0, n_g, block):
+        hi = min(lo + block, n_g)
+        a, b = np.searchsorted(c_g, [lo, hi])
+        ok = ok_g[lo:hi]
+        rows = np.concatenate([np.repeat(np.arange(hi - lo), g_ids.shape[1])[ok.ravel()], c_g[a:b] - lo])
+        ids = np.concatenate([g_ids[lo:hi][ok] + n_q, c_q[a:b]])
+        sims = np.concatenate([g_sims[lo:hi][ok], c_s[a:b]])
+        merged[lo:hi], merged_s[lo:hi] = _top_by_row(rows, ids, sims, hi - lo, k)
+    del c_g, c_q, c_s, order
     # a query that does not list row g has sim(q, g) <= its last candidate's score
     full = ok_c.all(axis=1) if cand_ids.shape[1] < n_g else np.zeros(n_q, bool)
     last = np.where(full, cand_sims[:, -1], -np.inf)

@@ -375,7 +375,8 @@ def farthest_in_sample(x: np.ndarray, sample_size: int = 8192, seed: int = 0,
         sample = x[np.sort(rng.choice(len(x), min(sample_size, len(x)), replace=False))]
     rows = np.arange(len(x)) if rows is None else np.asarray(rows, np.int64)
     out = np.empty(len(rows), np.float32)
-    chunk = max(64, budget // (4 * len(sample)))
+    # rows per product: bounded by the (chunk, S) product and by the gathered (chunk, D) rows
+    chunk = max(64, min(budget // (4 * len(sample)), budget // (4 * max(1, x.shape[1]))))
     for s in range(0, len(rows), chunk):
         out[s:s + chunk] = 2.0 - 2.0 * (x[rows[s:s + chunk]] @ sample.T).min(axis=1)
     return out

@@ -31,14 +31,14 @@ def graph_of(g, k, sample=None, batch=37):
     return build_gallery_graph((g[s:s + batch] for s in range(0, len(g), batch)), flat_search_fn(g), k, sample)
 
 
-@pytest.mark.parametrize("n_q,n_g,cand", [(30, 300, 40), (120, 200, 25), (300, 60, 21)])
-def test_union_neighbours_equal_the_union_search(n_q, n_g, cand):
+@pytest.mark.parametrize("n_q,n_g,cand,block", [(30, 300, 40, 1 << 16), (120, 200, 25, 37), (300, 60, 21, 7)])
+def test_union_neighbours_equal_the_union_search(n_q, n_g, cand, block):
     q, g = clustered(n_q, n_g)
     k = 21
     graph = graph_of(g, 32)
     cs, ci = flat_search_fn(g)(q, cand)
     stats = {}
-    got = union_neighbours(graph, q, g, cs, ci, k, stats=stats)
+    got = union_neighbours(graph, q, g, cs, ci, k, stats=stats, block=block)
     x = np.concatenate([q, g])
     _, want = union_search_fn(q, flat_search_fn(g))(x, k)
     want = self_first(want, np.arange(len(x)))
