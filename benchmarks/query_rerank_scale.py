@@ -137,8 +137,10 @@ def main() -> int:
             wall, rss = run([sys.executable, REPO / "pipelines" / "build_index.py", "--vectors",
                              work / "gallery.parquet", "--root", idx, "--name", name, "--shards", a.shards,
                              "--index-type", a.index_type, "--version", "v1", *extra], work / f"build_{name}.log")
-            builds[name] = {"wall_s": wall, "peak_rss_gb": rss}
+            (work / f"build_{name}.json").write_text(json.dumps({"wall_s": wall, "peak_rss_gb": rss}))
             print(f"build_index{' ' + ' '.join(extra) if extra else ''}: {wall} s, {rss} GB", flush=True)
+        if (work / f"build_{name}.json").exists():  # figures of the build that made the kept index
+            builds[name] = json.loads((work / f"build_{name}.json").read_text())
     base = [sys.executable, REPO / "pipelines" / "query.py", "--queries", work / "query.parquet", "--k", "100",
             "--quiet"]
     shutil.rmtree(work / "plain", ignore_errors=True)

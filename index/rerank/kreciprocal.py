@@ -180,7 +180,7 @@ def _columns(v: SparseRows, first_row: int, n_cols: int) -> _Columns:
     return _Columns(colptr, row_of[order], v.data[lo:][order])
 
 
-def jaccard_overlaps(v: SparseRows, queries: np.ndarray, cols: _Columns, budget: int = 1 << 23):
+def jaccard_overlaps(v: SparseRows, queries: np.ndarray, cols: _Columns, budget: int = 1 << 21):
     """For each query row q (in `queries`), the rows g with t(q, g) = sum_k min(V[q,k], V[g,k]) > 0
     among the rows that `cols` covers. Yields, per chunk of consecutive queries,
     (start, stop, pos, g, t): the chunk is queries[start:stop]; pos (n,) int64 positions into
