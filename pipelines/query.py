@@ -162,7 +162,7 @@ def answer_reranked(index, args, config, meta) -> int:
 
     from contracts.results import ResultsWriter, make_results_table
     from index.rerank.backends import load_index_vectors, result_scores
-    from index.rerank.chain import IndexBackend, PreparedGallery
+    from index.rerank.chain import FlatBackend, IndexBackend, PreparedGallery, search_query_candidates
 
     t0 = time.perf_counter()
     batches = query_batches(index, args.queries, args.batch_size, args.split)
@@ -171,7 +171,6 @@ def answer_reranked(index, args, config, meta) -> int:
     first = next(batches, None)
     if first is None:
         raise _no_queries(args)
-    gallery = load_index_vectors(index, args.gallery_vectors)
     items, _ = index.lookup(np.arange(len(index)))
     keep = items != "-1"
     print(f"re-ranking against {int(keep.sum())} gallery vectors ({len(index) - int(keep.sum())} junk "
@@ -182,16 +181,30 @@ def answer_reranked(index, args, config, meta) -> int:
         return hits.scores, hits.ids
 
     graph = stored_graph(index, config)
+    backend, ahead = IndexBackend(search), None
     if graph is not None:
         meta["rerank_graph"] = graph.k
-    prepared = PreparedGallery(gallery, config, IndexBackend(search), keep, graph)
+        if not {"aqe", "alpha-qe", "dba"} & set(config.methods):
+            # with the graph, k-reciprocal searches the index only for the queries' candidates:
+            # search them now and close the index, so that its memory (an HNSW shard holds its
+            # own copy of the vectors) is free before the gallery's vectors are loaded
+            qids, vecs, model = first
+            first = qids, index.to_index_space(vecs, model), None
+            ahead = search_query_candidates(first[1], search, config, keep)
+            index.close()
+            backend = FlatBackend()  # exact, for the rows whose graph lists junk shortened
+    gallery = load_index_vectors(index, args.gallery_vectors)
+    prepared = PreparedGallery(gallery, config, backend, keep, graph)
     del gallery  # the prepared gallery holds the rows it needs
     meta["score"] = "negated k-reciprocal distance" if "kreciprocal" in config.methods else \
         "negated diffusion distance" if "diffusion" in config.methods else "cosine of the expanded vectors"
     n = 0
     with ResultsWriter(args.out, meta) as w:
         for qids, vecs, model in _chain(first, batches):
-            result = prepared.rerank(index.to_index_space(vecs, model))  # whitened if the index is
+            if ahead is not None:  # the one batch, already in the index's space
+                result, ahead = prepared.rerank(vecs, ahead), None
+            else:
+                result = prepared.rerank(index.to_index_space(vecs, model))  # whitened if the index is
             scores = result_scores(result, config)
             r_items, r_images = index.lookup(result.ids)
             for s in range(0, len(qids), args.batch_size):  # parts of at most one batch

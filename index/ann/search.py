@@ -173,6 +173,9 @@ class _LocalShards:
                                         thread_name_prefix="shard")
 
     def search(self, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not self.indexes:
+            raise RuntimeError("the index was closed: no shards to search")
+
         def one(idx):
             if idx.ntotal == 0:
                 q = len(queries)
@@ -210,6 +213,8 @@ class _RayShards:
         self._ntotal = sum(ray.get([a.ntotal.remote() for a in self.actors]))  # waits for loads
 
     def search(self, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not self.actors:
+            raise RuntimeError("the index was closed: no shard actors to search")
         ref = self._ray.put(queries)  # one copy in the object store for all actors
         return self._ray.get([a.search.remote(ref, k) for a in self.actors])
 

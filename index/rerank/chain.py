@@ -21,7 +21,7 @@ import numpy as np
 from index.rerank import expansion
 from index.rerank.diffusion import diffusion_rerank, knn_graph
 from index.rerank.graph import GalleryGraph
-from index.rerank.kreciprocal import RerankResult, k_reciprocal_sparse
+from index.rerank.kreciprocal import RerankResult, k_reciprocal_sparse, query_candidate_count
 from index.rerank.neighbours import (
     SearchFn,
     filtered_search_fn,
@@ -31,7 +31,7 @@ from index.rerank.neighbours import (
 )
 
 __all__ = ["METHODS", "FlatBackend", "IndexBackend", "PreparedGallery", "RerankConfig", "method_name", "rerank",
-           "rerank_params"]
+           "rerank_params", "search_query_candidates"]
 
 METHODS = ("none", "kreciprocal", "aqe", "alpha-qe", "dba", "diffusion")
 MAX_DISTANCE_NAMES = ("auto", "search", "sample")
@@ -244,15 +244,19 @@ class PreparedGallery:
         alpha = self.config.alpha if "alpha-qe" in self.config.methods else 0.0
         return expansion.query_expansion(q, self.vectors, self.config.qe_n, alpha=alpha, search_fn=self.search)
 
-    def rank_kept(self, q: np.ndarray) -> RerankResult:
+    def rank_kept(self, q: np.ndarray, query_candidates=None) -> RerankResult:
         """Final stage for already expanded queries q (Q, D): ids are KEPT rows (0..K-1, -1
-        padding), (Q, topk) arrays; k-reciprocal, diffusion (distance = -score) or 2 - 2 cos."""
+        padding), (Q, topk) arrays; k-reciprocal, diffusion (distance = -score) or 2 - 2 cos.
+        query_candidates: k-reciprocal's gallery search of q done ahead (search_query_candidates)."""
         config, g, search = self.config, self.vectors, self.search
+        if query_candidates is not None and ("kreciprocal" not in config.methods or _uses_qe(config)):
+            raise ValueError("query_candidates serve k-reciprocal without query expansion only")
         if "kreciprocal" in config.methods:
             return k_reciprocal_sparse(q, g, config.k1, config.k2, config.lambda_value, topk=config.topk,
                                        candidates=config.candidates, max_distance=config.max_distance,
                                        search_fn=union_search_fn(q, search), gallery_search_fn=search,
-                                       neighbour_graph=self.neighbour_graph)
+                                       neighbour_graph=self.neighbour_graph,
+                                       query_candidates=query_candidates)
         if "diffusion" in config.methods:
             scores, ids = diffusion_rerank(q, g, search, config.topk, config.diffusion_k,
                                            config.diffusion_alpha, config.diffusion_gamma,
@@ -269,11 +273,40 @@ class PreparedGallery:
             dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
         return RerankResult(ids, dist, np.ones(len(q), bool))
 
-    def rerank(self, query: np.ndarray) -> RerankResult:
-        """RerankResult for query (Q, D) float32: ids = gallery rows as given, (Q, min(topk, K))."""
-        res = self.rank_kept(self.expand(query))
+    def rerank(self, query: np.ndarray, query_candidates=None) -> RerankResult:
+        """RerankResult for query (Q, D) float32: ids = gallery rows as given, (Q, min(topk, K)).
+        query_candidates: from search_query_candidates (k-reciprocal without QE), so that the
+        search that produced them need not be open any more."""
+        res = self.rank_kept(self.expand(query), query_candidates)
         res.ids = np.where(res.ids >= 0, self.rows[np.maximum(res.ids, 0)], -1)
         return res
+
+
+def search_query_candidates(query: np.ndarray, search: SearchFn, config: RerankConfig,
+                            gallery_keep: np.ndarray, graph: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """k-reciprocal's first step, the queries' gallery search, done before the gallery side is
+    prepared: a caller can close the index (and free its memory) before loading the gallery's
+    vectors. query: (Q, D) float32 (not expanded: no QE); search: over all G gallery rows;
+    gallery_keep: (G,) bool, False for junk; graph: a neighbour graph will be used. Returns
+    (scores (Q, C) float32, ids (Q, C) int64 kept rows, -1 padding) for PreparedGallery.rerank."""
+    if "kreciprocal" not in config.methods or _uses_qe(config):
+        raise ValueError("query candidates are searched ahead for k-reciprocal without query expansion only")
+    keep = np.asarray(gallery_keep, bool)
+    n_keep = int(keep.sum())
+    if n_keep == 0:
+        raise ValueError("gallery is empty after removing junk items")
+    topk = min(config.topk, n_keep)  # as PreparedGallery caps it
+    c = query_candidate_count(config.k1, config.k2, topk, config.candidates, len(query), n_keep, graph)
+    kept_search = search if keep.all() else filtered_search_fn(search, keep)
+    q = np.ascontiguousarray(query, np.float32)
+    scores = np.full((len(q), c), -np.inf, np.float32)
+    ids = np.full((len(q), c), -1, np.int64)
+    for lo in range(0, len(q), 65536):
+        sc, i = kept_search(q[lo:lo + 65536], c)
+        i = np.asarray(i, np.int64)[:, :c]
+        ids[lo:lo + len(i), :i.shape[1]] = i
+        scores[lo:lo + len(i), :i.shape[1]] = np.asarray(sc, np.float32)[:, :c]
+    return scores, ids
 
 
 def rerank(query: np.ndarray, gallery: np.ndarray, config: RerankConfig,

@@ -40,7 +40,8 @@ from index.rerank.neighbours import SearchFn, filtered_search_fn, flat_search_fn
 
 __all__ = ["AUTO_SEARCH_MAX", "RerankResult", "SparseRows", "expansion_weights", "farthest_in_sample",
            "jaccard_from_overlap", "jaccard_overlaps", "k_reciprocal_exact", "k_reciprocal_from_embeddings",
-           "k_reciprocal_sparse", "local_query_expansion", "original_distance", "reciprocal_neighbours",
+           "k_reciprocal_sparse", "local_query_expansion", "original_distance", "query_candidate_count",
+           "reciprocal_neighbours",
            "resolve_max_distance"]
 
 # --------------------------------------------------------------------------------------------
@@ -443,12 +444,24 @@ def _check_params(k1, k2, lambda_value):
         raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
 
 
+def query_candidate_count(k1: int, k2: int, topk: int, candidates: int | None, n_query: int,
+                          n_gallery: int, graph: bool = False) -> int:
+    """How many gallery neighbours k_reciprocal_sparse searches per query (its
+    `query_candidates` must hold at least this many columns): max(k1 + 1, 2 * topk) or
+    `candidates` (at least k1 + 1), at most the gallery; with a neighbour graph also every
+    union neighbour the query needs (max(k1 + 1, k2))."""
+    cand = max(k1 + 1, 2 * topk) if candidates is None else max(int(candidates), k1 + 1)
+    n_cand = min(cand, n_gallery)
+    return max(n_cand, min(max(k1 + 1, k2), n_query + n_gallery)) if graph else n_cand
+
+
 def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2: int = 6,
                         lambda_value: float = 0.3, *, topk: int = 100, candidates: int | None = None,
                         search_fn: SearchFn | None = None, gallery_keep: np.ndarray | None = None,
                         max_distance: str | float = "auto", chunk: int = 4096,
                         stats: dict | None = None, gallery_search_fn: SearchFn | None = None,
-                        neighbour_graph: GalleryGraph | None = None) -> RerankResult:
+                        neighbour_graph: GalleryGraph | None = None,
+                        query_candidates: tuple[np.ndarray, np.ndarray] | None = None) -> RerankResult:
     """Scalable k-reciprocal re-ranking from neighbour lists; returns top-k lists per query
     ((Q, min(topk, kept G)) arrays, every entry filled when the searches list that many).
 
@@ -477,6 +490,10 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     per index version): the gallery rows' union lists are merged from it and the queries'
     candidate lists instead of searched (the same lists with an exact index), and their row
     normalisers come from it when its far_mode is the one max_distance resolves to.
+    query_candidates: (scores (Q, C) float32, ids (Q, C) int64 kept gallery rows, -1 padding),
+    each query's gallery search done ahead with C >= query_candidate_count(...) columns;
+    gallery_search_fn is then not called for the queries (with the graph: not at all, unless
+    rows' graph lists are short).
     """
     import time
 
@@ -498,7 +515,6 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     n_q, n = len(query), len(x)
     if neighbour_graph is not None and len(neighbour_graph) != n - n_q:
         raise ValueError(f"neighbour_graph has {len(neighbour_graph)} rows, the kept gallery {n - n_q}")
-    candidates = max(k1 + 1, 2 * topk) if candidates is None else max(int(candidates), k1 + 1)
     n_g = n - n_q
     if search_fn is None:
         gallery_search_fn = gallery_search_fn or flat_search_fn(x.gallery)
@@ -511,14 +527,21 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
 
     # neighbour lists over the union: every point needs its first max(k1+1, k2)
     k_all = min(max(k1 + 1, k2), n)
-    n_cand = min(candidates, n_g)
     use_graph = neighbour_graph is not None
+    n_cand = query_candidate_count(k1, k2, topk, candidates, n_q, n_g, graph=False)
     # each query's candidates: its nearest GALLERY rows (union row numbers), -1 padded
     q_ids = np.full((n_q, n_cand), -1, np.int64)
-    n_search = max(n_cand, k_all) if use_graph else n_cand
+    n_search = query_candidate_count(k1, k2, topk, candidates, n_q, n_g, graph=use_graph)
     c_ids = np.full((n_q, n_search), -1, np.int64)
     c_sims = np.full((n_q, n_search), -np.inf, np.float32)
-    for rows in _row_chunks(n_q, 65536):
+    if query_candidates is not None:  # searched before the call (the index may be closed since)
+        sc, ids = np.asarray(query_candidates[0], np.float32), np.asarray(query_candidates[1], np.int64)
+        if ids.ndim != 2 or sc.shape != ids.shape or len(ids) != n_q or ids.shape[1] < min(n_search, n_g):
+            raise ValueError(f"query_candidates has shape {ids.shape}, expected ({n_q}, >= {min(n_search, n_g)}): "
+                             f"use query_candidate_count")
+        c_ids[:, :min(n_search, ids.shape[1])] = np.asarray(ids, np.int64)[:, :n_search]
+        c_sims[:, :min(n_search, ids.shape[1])] = np.asarray(sc, np.float32)[:, :n_search]
+    for rows in _row_chunks(n_q, 65536) if query_candidates is None else ():
         sc, ids = gallery_search_fn(query[rows], n_search)
         ids = np.asarray(ids, np.int64)[:, :n_search]
         c_ids[rows, :ids.shape[1]] = ids

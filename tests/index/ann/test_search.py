@@ -80,6 +80,12 @@ def test_k_larger_than_index_is_capped(tmp_path):
             assert hits.ids.shape == (2, 7) and hits.valid.all()
             assert hits.image_ids is None and None not in hits.item_ids
             assert sorted(hits.ids[0]) == list(range(7))
+    # closed (query.py closes it before re-ranking with a stored graph): the ids tables still
+    # answer, a search is a clear error rather than empty lists
+    items, _ = idx.lookup(np.arange(7))
+    assert None not in items.tolist() and len(idx) == 7
+    with pytest.raises(RuntimeError, match="index was closed"):
+        idx.search(x[:2], 3)
 
 
 def test_query_mismatch_errors(flat_indexes):

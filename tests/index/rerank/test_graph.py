@@ -127,3 +127,33 @@ def test_inconsistent_graph_is_refused():
         GalleryGraph(np.zeros((3, 2), np.int64), np.zeros((3, 3), np.float32), np.zeros(3), "search")
     with pytest.raises(ValueError, match="far_mode"):
         GalleryGraph(np.zeros((3, 2), np.int64), np.zeros((3, 2), np.float32), np.zeros(3), "exact")
+
+
+def test_candidates_searched_ahead_give_the_same_lists():
+    """query.py searches the queries' candidates, closes the index, then re-ranks: the chain
+    with candidates given ahead (and no index search left) equals the chain searching itself."""
+    from index.rerank.chain import FlatBackend, IndexBackend, PreparedGallery, RerankConfig, search_query_candidates
+
+    q, g = clustered(50, 300)
+    keep = np.ones(len(g), bool)
+    keep[::7] = False  # junk rows: the stored graph is restricted, some lists come out short
+    config = RerankConfig(methods=("kreciprocal",), topk=40, k1=12, k2=4, max_distance="search")
+    graph = graph_of(g, 16)
+    calls = []
+
+    def index_search(x, k):
+        calls.append(len(x))
+        return flat_search_fn(g)(x, k)
+
+    plain = PreparedGallery(g, config, IndexBackend(index_search), keep, graph).rerank(q)
+    ahead = search_query_candidates(q, index_search, config, keep)
+    calls.clear()
+    got = PreparedGallery(g, config, FlatBackend(), keep, graph).rerank(q, ahead)
+    assert calls == []  # the "index" is not searched again
+    np.testing.assert_array_equal(got.ids, plain.ids)
+    np.testing.assert_allclose(got.distances, plain.distances, atol=1e-6)
+    with pytest.raises(ValueError, match="expected \\(50, >= "):
+        PreparedGallery(g, config, FlatBackend(), keep, graph).rerank(q, (ahead[0][:, :5], ahead[1][:, :5]))
+    qe = RerankConfig(methods=("aqe", "kreciprocal"), topk=40, k1=12, k2=4)
+    with pytest.raises(ValueError, match="without query expansion"):
+        search_query_candidates(q, index_search, qe, keep)
