@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     pretrained = ["--pretrained", "lite0-imagenet"] if lite0_weights_available() else []
     step("train (Ray Train, DDP, CTL)", "train.py", "--shards", shards / "shards",
          "--backbone", "efficientnet_lite0", *pretrained, "--input-size", 64, 32, "--time-budget", args.budget,
-         "--P", 8, "--M", 4, "--num-workers", args.num_workers, "--name", "demo",
+         "--num-workers", args.num_workers, "--name", "demo",
          "--storage-path", out / "ray_results", "--output", model, log=log)
     step("embed gallery (Ray Data)", "embed.py", "--model", model, "--shards", shards / "shards",
          "--split", "gallery", "--out", emb, log=log)
