@@ -9,7 +9,7 @@
 
 Every result is L2-normalised again. The functions take neighbour lists (ids + scores) from a
 search function, never a query x gallery matrix, so they scale with the index; the wrappers
-build an exact faiss.IndexFlatIP search when none is given. Combine with k-reciprocal by
+build an exact flat search (neighbours.flat_search_fn) when none is given. Combine with k-reciprocal by
 re-ranking the expanded vectors (index.rerank.chain.rerank does DBA, then QE, then k-reciprocal or diffusion).
 """
 from __future__ import annotations

@@ -433,7 +433,8 @@ def _check_pair(query: np.ndarray, gallery: np.ndarray) -> None:
         raise ValueError(f"query {query.shape} and gallery {gallery.shape} must be (n, D) with the same D")
     if len(gallery) == 0:
         raise ValueError("gallery is empty")
-    if not (np.isfinite(query).all() and np.isfinite(gallery).all()):
+    # in blocks: a whole (G, D) bool mask is 384 MB at 300,000 x 1280
+    if not all(np.isfinite(x[s:s + 65536]).all() for x in (query, gallery) for s in range(0, len(x), 65536)):
         raise ValueError("query or gallery vectors contain NaN or inf")
 
 
@@ -469,7 +470,7 @@ def k_reciprocal_sparse(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2
     the union U = [query; kept gallery] (row numbers: queries 0..Q-1, then kept gallery rows in
     order); None builds it from `gallery_search_fn` (see union_search_fn).
     gallery_search_fn: inner-product search over the kept gallery rows alone (row numbers 0..,
-    in kept order); None: an exact faiss.IndexFlatIP when search_fn is None too, else the
+    in kept order); None: an exact flat search (flat_search_fn) when search_fn is None too, else the
     gallery entries filtered out of search_fn's lists (more searches when queries crowd them
     out: pass the gallery search when there is one).
     candidates: gallery neighbours per query scored besides its Jaccard overlap set (default

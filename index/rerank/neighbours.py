@@ -1,6 +1,6 @@
 """Neighbour-search backends: every re-ranking step gets its neighbour lists from a SearchFn.
 
-- `flat_search_fn`: exact inner product over an array (faiss.IndexFlatIP);
+- `flat_search_fn`: exact inner product over an array (faiss.knn, no copy of it);
 - `union_search_fn`: a search over [query; gallery] from a search over the gallery (k-reciprocal);
 - `filtered_search_fn`: a search over the kept rows only (junk left out);
 - `rescored_search_fn`: a search over changed vectors (DBA) through the candidates of a search
@@ -21,18 +21,20 @@ ids (n, k) int64 row numbers in the searched set, -1 where fewer than k were fou
 
 
 def flat_search_fn(vectors: np.ndarray, batch: int = 8192) -> SearchFn:
-    """Exact inner-product search over `vectors` (n, D) float32 with faiss.IndexFlatIP."""
+    """Exact inner-product search over `vectors` (n, D) float32 with faiss.knn: the same lists
+    as a faiss.IndexFlatIP, without the index's copy of the vectors (1.5 GB at 300,000 x 1280,
+    held beside the caller's for the whole re-ranking)."""
     import faiss
 
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, np.float32))
+    base = np.ascontiguousarray(vectors, np.float32)  # no copy when it already is
 
     def search(x: np.ndarray, k: int):
-        k = min(k, index.ntotal)
+        k = min(k, len(base))
         scores = np.empty((len(x), k), np.float32)
         ids = np.empty((len(x), k), np.int64)
         for s in range(0, len(x), batch):
-            scores[s:s + batch], ids[s:s + batch] = index.search(np.ascontiguousarray(x[s:s + batch], np.float32), k)
+            scores[s:s + batch], ids[s:s + batch] = faiss.knn(x[s:s + batch], base, k,
+                                                              metric=faiss.METRIC_INNER_PRODUCT)
         return scores, ids
 
     return search
