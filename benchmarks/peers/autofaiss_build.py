@@ -37,7 +37,7 @@ import numpy as np
 from measure import run_measured
 
 # autofaiss pins numpy<2 (pyarrow 18+ needs numpy 2) and calls OPQMatrix(M=...), which faiss 1.9+ dropped
-AUTOFAISS = ["autofaiss==2.18.0", "pyarrow<18", "faiss-cpu==1.8.0"]
+AUTOFAISS = ["autofaiss==2.18.0", "pyarrow<18", "faiss-cpu==1.8.0", "packaging"]  # faiss 1.8 imports packaging, undeclared
 
 AUTOFAISS_BUILD = """
 import json, sys
