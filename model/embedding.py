@@ -149,6 +149,9 @@ def prepare_model(net, device: str, input_size: tuple[int, int] | None = None,
             # torch.jit.freeze is marked deprecated in favour of torch.compile, which costs ~40 s
             # of compilation per actor here and was no faster for this model on CPU
             warnings.simplefilter("ignore", FutureWarning)
+            # R-MAC's region grid becomes constants of the trace: right, since the trace is
+            # made for (and only ever fed) input_size, and checked against the eager net below
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(net, x[:1])))
             want, got = net(x), frozen(x)
         if torch.allclose(want, got, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):

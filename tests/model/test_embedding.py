@@ -128,6 +128,24 @@ def test_frozen_cpu_model_matches_eager(tiny_model):
     assert E.prepare_model(net, "cpu", tuple(cfg.input_size), freeze=False) is net
 
 
+def test_frozen_rmac_model_is_traced_without_warnings():
+    import warnings
+
+    from model.config import ModelConfig
+    from model.net import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", input_size=(32, 16), pooling="rmac", flip_test=False)
+    net = build_model(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # the job's stderr stays readable
+        frozen = E.prepare_model(net, "cpu", tuple(cfg.input_size))
+    assert isinstance(frozen, torch.jit.ScriptModule)  # frozen, not the eager fallback
+    x = torch.randn(4, 3, *cfg.input_size)
+    np.testing.assert_allclose(E.forward_embeddings(frozen, x, "cpu"),
+                               E.forward_embeddings(net, x, "cpu"), atol=1e-5)
+
+
 def test_untraceable_model_falls_back_to_eager_and_says_so(capsys):
     class Branchy(torch.nn.Module):  # shape-dependent control flow: the trace bakes in one branch
         def forward(self, x):
