@@ -89,6 +89,22 @@ def decode_or_reason(data: bytes, decode: Callable[[bytes], object]):
         return None, f"undecodable image: {type(e).__name__}{': ' + msg if msg else ''}"
 
 
+def decode_resized(images: Sequence[bytes], decode: Callable, transform: Callable,
+                   pool: ThreadPoolExecutor | None = None) -> list:
+    """Decode and transform each encoded image: a list of N (output, None) or (None, why the
+    image is skipped). transform: PIL image -> the per-image output (tensor or uint8 array)."""
+    def one(data):
+        img, reason = decode_or_reason(data, decode)
+        if reason is not None:
+            return None, reason
+        try:
+            return transform(img), None
+        except Exception as e:  # noqa: BLE001 -- e.g. a degenerate size the transform rejects
+            return None, f"unusable image: {type(e).__name__}: {e}"
+
+    return list(pool.map(one, images)) if pool is not None else [one(b) for b in images]
+
+
 def preprocess(images: Sequence[bytes], decode: Callable, transform: Callable,
                pool: ThreadPoolExecutor | None = None, collate: Callable | None = None):
     """Decode and transform a batch of encoded images.
@@ -100,16 +116,7 @@ def preprocess(images: Sequence[bytes], decode: Callable, transform: Callable,
     """
     import torch
 
-    def one(data):
-        img, reason = decode_or_reason(data, decode)
-        if reason is not None:
-            return None, reason
-        try:
-            return transform(img), None
-        except Exception as e:  # noqa: BLE001 -- e.g. a degenerate size the transform rejects
-            return None, f"unusable image: {type(e).__name__}: {e}"
-
-    results = list(pool.map(one, images)) if pool is not None else [one(b) for b in images]
+    results = decode_resized(images, decode, transform, pool)
     ok = np.array([t is not None for t, _ in results], dtype=bool)
     outs = [t for t, _ in results if t is not None]
     x = (collate or torch.stack)(outs) if outs else None
@@ -221,8 +228,22 @@ class ModelRunner:
         self.pool = ThreadPoolExecutor(max(1, decode_threads)) if decode_threads > 1 else None
 
     def embed_images(self, images: Sequence[bytes]) -> EmbedResult:
+        """N encoded images -> EmbedResult (undecodable ones not ok, with their reason)."""
         x, ok, reasons = preprocess(images, self.decode, self.transform, self.pool, self.collate)
-        out = np.zeros((len(images), self.dim), np.float32)
+        return self._embed(x, ok, reasons)
+
+    def embed_pixels(self, arrays: Sequence[np.ndarray]) -> EmbedResult:
+        """N decoded, resized images ((H, W, 3) uint8, H, W = the config's input_size, as
+        `decode_samples` makes them) -> EmbedResult: only normalise + forward."""
+        h, w = (int(v) for v in self.cfg.input_size)
+        for a in arrays:
+            if a.shape != (h, w, 3):  # pixels made for another model: never embed them
+                raise ValueError(f"decoded image of shape {a.shape}, the model wants ({h}, {w}, 3)")
+        x = self.collate(list(arrays)) if len(arrays) else None
+        return self._embed(x, np.ones(len(arrays), bool), [None] * len(arrays))
+
+    def _embed(self, x, ok: np.ndarray, reasons: list) -> EmbedResult:
+        out = np.zeros((len(ok), self.dim), np.float32)
         if x is not None:
             emb = forward_embeddings(self.net, x, self.device, flip=self.flip)
             bad = ~np.isfinite(emb).all(axis=1)
@@ -251,7 +272,8 @@ def embedded_schema(dim: int) -> pa.Schema:
 
 
 def embed_sample_table(runner: ModelRunner, table: pa.Table) -> pa.Table:
-    """Sample table -> embedded table. Carried rows pass through without a forward pass."""
+    """Sample table -> embedded table. Carried rows pass through without a forward pass. A
+    table with a `pixels` column (decode_samples) is only normalised and run through the net."""
     import time
 
     started = time.time()
@@ -259,13 +281,19 @@ def embed_sample_table(runner: ModelRunner, table: pa.Table) -> pa.Table:
     read_errors = table.column("read_error").to_pylist()
     failed = np.array([e is not None for e in read_errors], dtype=bool)
     todo = np.flatnonzero(~carry & ~failed)
-    images = table.column("image").take(pa.array(todo)).to_pylist() if len(todo) else []
     n = table.num_rows
     emb = np.zeros((n, runner.dim), np.float32)
     valid = np.zeros(n, bool)
     errors: list = list(read_errors)
     if len(todo):
-        res = runner.embed_images(images)
+        if "pixels" in table.column_names:  # decoded by the reading tasks (decode_samples)
+            h, w = (int(v) for v in runner.cfg.input_size)
+            pixels = table.column("pixels").take(pa.array(todo)).to_pylist()
+            if any(len(b) != h * w * 3 for b in pixels):  # decoded for another model: never embed
+                raise ValueError(f"decoded images are not {h}x{w}x3 uint8, the model's input size")
+            res = runner.embed_pixels([np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in pixels])
+        else:
+            res = runner.embed_images(table.column("image").take(pa.array(todo)).to_pylist())
         emb[todo] = res.embeddings
         valid[todo] = res.ok
         for i, r in zip(todo, res.reasons):
@@ -380,21 +408,61 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1))
 
 
+def decode_samples(table: pa.Table, input_size: tuple[int, int], threads: int = 1) -> pa.Table:
+    """Sample table -> the same rows decoded and resized for a model of `input_size` (H, W):
+    a `pixels` column (binary, the H*W*3 uint8 bytes of each image to embed; empty for carried
+    and failed rows) takes the place of the encoded bytes, which are dropped. An undecodable
+    image gets its one-line reason in read_error (the reason the model actor would give).
+
+    The embed job runs this in its reading tasks, so decoding overlaps the forward pass on
+    other CPUs and the model actors only normalise and run the net (embed_sample_table)."""
+    from model.transforms import decode_image, resize_uint8
+
+    carry = table.column("carry").to_numpy(zero_copy_only=False).astype(bool)
+    read_errors = table.column("read_error").to_pylist()
+    todo = [i for i in range(table.num_rows) if not carry[i] and read_errors[i] is None]
+    images = table.column("image").take(pa.array(todo, pa.int64())).to_pylist() if todo else []
+    pool = ThreadPoolExecutor(threads) if threads > 1 and len(images) > 1 else None
+    try:
+        results = decode_resized(images, decode_image, lambda img: resize_uint8(img, input_size), pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    pixels: list = [b""] * table.num_rows
+    for i, (arr, reason) in zip(todo, results):
+        if arr is None:
+            read_errors[i] = reason
+        else:
+            pixels[i] = arr.tobytes()
+    table = table.set_column(table.schema.get_field_index("image"), "image",
+                             pa.array([b""] * table.num_rows, pa.binary()))
+    table = table.set_column(table.schema.get_field_index("read_error"), "read_error",
+                             pa.array(read_errors, pa.string()))
+    return table.append_column("pixels", pa.array(pixels, pa.binary()))
+
+
 # ---- Ray Data stage functions (plain functions of Arrow tables; Ray only calls them) ----------
 
 def shard_batch_to_samples(batch: pa.Table, split: str | None = None,
-                           previous_keys: np.ndarray | None = None, chunk: int = 256):
+                           previous_keys: np.ndarray | None = None, chunk: int = 256,
+                           input_size: tuple[int, int] | None = None, decode_threads: int = 1):
     """map_batches over a table of shard urls (column `url`) -> sample tables of <= `chunk` rows,
-    unchanged images marked carried (see mark_carried)."""
+    unchanged images marked carried (see mark_carried); with `input_size`, decoded for the
+    model there (decode_samples)."""
     for t in samples_from_shards(batch.column("url").to_pylist(), split=split, chunk=chunk):
-        yield mark_carried(t, previous_keys)
+        t = mark_carried(t, previous_keys)
+        yield decode_samples(t, input_size, decode_threads) if input_size else t
 
 
 def manifest_batch_to_samples(batch: pa.Table, root: str,
-                              previous_keys: np.ndarray | None = None) -> pa.Table:
-    """map_batches over manifest rows -> sample table (images read from root/path)."""
+                              previous_keys: np.ndarray | None = None,
+                              input_size: tuple[int, int] | None = None,
+                              decode_threads: int = 1) -> pa.Table:
+    """map_batches over manifest rows -> sample table (images read from root/path); with
+    `input_size`, decoded for the model there (decode_samples)."""
     rows = batch.select(["image_id", "item_id", "camera_id", "split", "path"]).to_pylist()
-    return mark_carried(manifest_sample_table(rows, root), previous_keys)
+    t = mark_carried(manifest_sample_table(rows, root), previous_keys)
+    return decode_samples(t, input_size, decode_threads) if input_size else t
 
 
 def model_time_span(table: pa.Table) -> tuple[float, float, float]:

@@ -13,7 +13,7 @@ from model.config import ModelConfig
 DEFAULT_MAX_PIXELS = 20_000_000
 
 __all__ = ["DEFAULT_MAX_PIXELS", "BatchEvalTransform", "ImageDecodeError", "decode_image",
-           "eval_transform", "train_transform", "upright_rgb"]
+           "eval_transform", "resize_uint8", "train_transform", "upright_rgb"]
 
 
 class ImageDecodeError(ValueError):
@@ -29,10 +29,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
     unconvertible input. Every image door (embed, training, report pictures, make_shards'
     check) decodes through here, so they all see the same pixels.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(data))
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:  # its message names a memory address, not the bytes
+            raise ImageDecodeError("cannot decode image: not a known image format") from None
         w, h = img.size
         if w * h > max_pixels:
             raise ImageDecodeError(f"image of {w}x{h} pixels exceeds the limit of {max_pixels}")
@@ -127,12 +130,7 @@ class BatchEvalTransform:
         self.std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def resize(self, img):
-        import numpy as np
-        from PIL import Image
-
-        if img.size != self.size:  # torchvision's Resize on PIL is this same PIL call
-            img = img.resize(self.size, Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        return resize_uint8(img, (self.size[1], self.size[0]))
 
     def normalize(self, arrays):
         import numpy as np
@@ -140,6 +138,18 @@ class BatchEvalTransform:
 
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
         return x.sub_(self.mean).div_(self.std).contiguous()
+
+
+def resize_uint8(img, size: tuple[int, int]):
+    """PIL RGB image -> (H, W, 3) uint8 array at size (H, W), bilinear: the resize of
+    eval_transform (torchvision's Resize on a PIL image is this same PIL call)."""
+    import numpy as np
+    from PIL import Image
+
+    wh = (int(size[1]), int(size[0]))  # PIL wants (W, H)
+    if img.size != wh:
+        img = img.resize(wh, Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def train_transform(cfg: ModelConfig, flip_p: float = 0.5, pad: int = 10,

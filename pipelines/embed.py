@@ -3,10 +3,10 @@
     python pipelines/embed.py --model MODEL_DIR --shards 'out/shards/gallery-*.tar' --out out/emb
     python pipelines/embed.py --model MODEL_DIR --manifest out/manifest.parquet --root DATA --out out/emb
 
-Reading tasks stream the shards (model.shards reader) or the manifest's files and hash each
-image's bytes; an actor pool (one actor per GPU with fp16 + channels_last, CPU actors
-otherwise) loads the model once per actor and decodes, preprocesses and embeds batches
-(model.embedding). Our own decoding turns a corrupt image into a row of OUT/_errors.parquet
+Reading tasks stream the shards (model.shards reader) or the manifest's files, hash each
+image's bytes and decode and resize it for the model; an actor pool (one actor per GPU with
+fp16 + channels_last, CPU actors otherwise) loads the model once per actor and normalises and
+embeds batches (model.embedding), so decoding runs beside the forward pass, not before it. Our own decoding turns a corrupt image into a row of OUT/_errors.parquet
 (image_id, reason), never a failed job.
 
 OUT (replaced atomically, only when complete) holds
@@ -41,7 +41,7 @@ def build_parser() -> Parser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per CPU actor (default: CPUs / actors)")
     p.add_argument("--decode-threads", type=int, default=1,
-                   help="image decode threads per actor (more pays only for large images)")
+                   help="image decode threads per reading task (more pays only for large images)")
     p.add_argument("--no-freeze", action="store_true",
                    help="CPU: run the eager model instead of the traced, frozen one")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -80,8 +80,10 @@ def cpu_actor_share(cpus: int, actors: int, threads: int) -> float:
     return float(int(share)) if share >= 1 else max(0.25, share)
 
 
-def build_dataset(args, inputs, prev_keys, use_gpu: bool, actors: int, threads: int, actor_res: dict):
-    """The Ray Data pipeline: reading tasks -> model actor pool -> embedded tables."""
+def build_dataset(args, inputs, prev_keys, use_gpu: bool, actors: int, threads: int, actor_res: dict,
+                  input_size: tuple[int, int]):
+    """The Ray Data pipeline: reading + decoding tasks -> model actor pool -> embedded tables.
+    input_size: the model's (H, W), what the reading tasks resize to."""
     import ray.data
 
     from model import embedding as E
@@ -90,22 +92,26 @@ def build_dataset(args, inputs, prev_keys, use_gpu: bool, actors: int, threads: 
     # actors' (a retry count for flaky storage) keep Ray from fusing this stage into the model
     # actors, where it would run in series with the forward pass.
     read_args = {"num_cpus": min(1.0, actor_res.get("num_cpus", 1.0)), "max_retries": 3}
+    # The reading tasks also decode and resize for the model (embedding.decode_samples): that
+    # runs beside the forward pass instead of before it, and a GPU actor's one CPU only feeds it.
+    decode = {"input_size": tuple(int(v) for v in input_size), "decode_threads": args.decode_threads}
     if inputs.urls is not None:
         ds = ray.data.from_items([{"url": u} for u in inputs.urls], override_num_blocks=len(inputs.urls))
         ds = ds.map_batches(E.shard_batch_to_samples, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"split": args.split, "previous_keys": prev_keys,
-                                       "chunk": max(args.batch_size, 64)}, **read_args)
+                                       "chunk": max(args.batch_size, 64), **decode}, **read_args)
     else:
         blocks = max(1, min(inputs.manifest.num_rows // 256, 10_000))
         ds = ray.data.from_arrow(inputs.manifest).repartition(blocks)
         ds = ds.map_batches(E.manifest_batch_to_samples, batch_size=256, batch_format="pyarrow",
-                            fn_kwargs={"root": args.root, "previous_keys": prev_keys}, **read_args)
+                            fn_kwargs={"root": args.root, "previous_keys": prev_keys, **decode},
+                            **read_args)
     return ds.map_batches(
         E.EmbedBatch, batch_size=args.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model_dir": args.model, "device": "cuda" if use_gpu else "cpu",
                                "threads": None if use_gpu else threads,
-                               "decode_threads": args.decode_threads,
+                               "decode_threads": 1,  # the reading tasks decode
                                "freeze": not args.no_freeze},
         **actor_res)
 
@@ -171,7 +177,7 @@ def embed(argv=None) -> int:
     say(f"embed: model {model_id} (dim {dim}), {inputs.what}, {actors} {'GPU' if use_gpu else 'CPU'} actor(s), "
         f"{threads} thread(s), batch {args.batch_size}"
         + (f", {len(prev_keys)} previous rows to compare" if prev_keys is not None else ""))
-    ds = build_dataset(args, inputs, prev_keys, use_gpu, actors, threads, actor_res)
+    ds = build_dataset(args, inputs, prev_keys, use_gpu, actors, threads, actor_res, tuple(cfg.input_size))
 
     clock = E.EmbedClock()
     schema = embeddings_schema(dim, model_id).append(pa.field("content_hash", pa.string()))

@@ -106,6 +106,37 @@ def test_embed_sample_table_nulls_carried_and_errors(tiny_model):
     assert out.column("content_hash").to_pylist() == t.column("content_hash").to_pylist()
 
 
+def test_decoded_in_the_reading_tasks_gives_the_same_rows(tiny_model):
+    """decode_samples (the embed job's reading tasks) then embed_sample_table: the same
+    embeddings and error reasons as decoding in the model actor, and no encoded bytes travel on."""
+    runner = E.ModelRunner(tiny_model, device="cpu", threads=1, decode_threads=1)
+    imgs = [jpeg(11), b"bad", jpeg(12), b"", jpeg(13, size=(40, 70))]
+    t = E.sample_table(rows(5), imgs, [None, None, None, "unreadable file: x", None])
+    t = t.set_column(t.schema.get_field_index("carry"), "carry", pa.array([False, False, True, False, False]))
+    want = E.embed_sample_table(runner, t)
+    decoded = E.decode_samples(t, tuple(runner.cfg.input_size), threads=2)
+    assert decoded.column("image").to_pylist() == [b""] * 5
+    assert [len(b) for b in decoded.column("pixels").to_pylist()] == [32 * 16 * 3, 0, 0, 0, 32 * 16 * 3]
+    assert "undecodable" in decoded.column("read_error").to_pylist()[1]
+    got = E.embed_sample_table(runner, decoded)
+    assert got.column("error").to_pylist() == want.column("error").to_pylist()
+    assert got.column("carry").to_pylist() == want.column("carry").to_pylist()
+    assert got.column("content_hash").to_pylist() == t.column("content_hash").to_pylist()
+    a, b = want.column("embedding").to_pylist(), got.column("embedding").to_pylist()
+    assert [v is not None for v in b] == [True, False, False, False, True]
+    for x, y in zip(a, b):
+        assert (x is None and y is None) or np.allclose(x, y, atol=1e-6)
+
+
+def test_pixels_made_for_another_input_size_are_refused(tiny_model):
+    runner = E.ModelRunner(tiny_model, device="cpu", threads=1, decode_threads=1)
+    decoded = E.decode_samples(E.sample_table(rows(1), [jpeg(14)]), (64, 32))
+    with pytest.raises(ValueError, match="the model's input size"):
+        E.embed_sample_table(runner, decoded)
+    with pytest.raises(ValueError, match="the model wants"):
+        runner.embed_pixels([np.zeros((64, 32, 3), np.uint8)])
+
+
 def test_manifest_sample_table_reports_missing_file(tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg(10))
     r = [{"image_id": "a.jpg", "item_id": "1", "camera_id": None, "split": "gallery", "path": "a.jpg"},
