@@ -6,7 +6,7 @@
 Writes query/gallery Parquet files (embeddings contract) to --work, runs the real CLI in a child
 process and reports its wall time and its own peak RSS (benchmarks/measure.py).
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import json

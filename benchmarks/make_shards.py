@@ -9,7 +9,7 @@ wall time as images/s (process start and imports included), plus the child's CPU
 complete only with --workers 1 (decode workers run under a forkserver, not as children). The load
 average at the start is printed because other jobs on the same cores slow the wall figure.
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import json

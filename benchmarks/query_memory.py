@@ -43,8 +43,8 @@ def main(argv=None):
     import numpy as np
     import pyarrow.parquet as pq
 
-    from index.ann.build import BuildConfig, build_index
     from contracts.vectors import l2_normalize, make_embeddings_table
+    from index.ann.build import BuildConfig, build_index
 
     root = str(pathlib.Path(__file__).resolve().parents[1])
     work = a.work or tempfile.mkdtemp(prefix="query_memory_")

@@ -9,7 +9,7 @@
 - diffusion: graph build from FAISS kNN lists, online CG per query, offline precompute
   (Yang et al.) and its online stage per query
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import json

@@ -9,7 +9,7 @@ retrieved lists (mAP@k). Each stage is the real job run as a subprocess (the com
 recorded in the JSON); peak memory is the largest summed RSS of the job's whole process tree
 (Ray workers included), sampled every 0.5 s. Use --items/--images-per-item to run smaller.
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import json

@@ -55,8 +55,8 @@ def build(work: str, n: int) -> tuple[str, str, str, str]:
     import pyarrow.parquet as pq
     import torch
 
-    from index.ann.build import BuildConfig, build_index
     from contracts.vectors import embeddings_schema
+    from index.ann.build import BuildConfig, build_index
     from model.checkpoint import save_model
     from model.config import ModelConfig
     from model.embedding import ModelRunner

@@ -13,7 +13,7 @@ alpha-QE, DBA + AQE, diffusion, DBA + AQE + diffusion, k-reciprocal. Every step 
 job run as a subprocess; a model, embedding or report already in --work is reused, so an
 interrupted run picks up where it stopped. Prints the table and writes it (JSON) to --out.
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import json

@@ -10,7 +10,7 @@ gallery through index.ann.build.build_index (the whitening stored with the versi
 Prints one line per dimension: index bytes, queries/s, and the overlap of its top-10 with
 that of the raw vectors (how much of the neighbourhood the reduction keeps).
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import json

@@ -49,7 +49,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from model.config import MAX_INPUT_SIDE
 from contracts.manifest import (
     DISTRACTOR_ITEM,
     JUNK_ITEM,
@@ -58,6 +57,7 @@ from contracts.manifest import (
     make_rejected_table,
     write_manifest,
 )
+from model.config import MAX_INPUT_SIDE
 from model.shards import DEFAULT_SHARD_SIZE, write_shards
 from model.transforms import upright_rgb
 

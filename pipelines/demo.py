@@ -9,7 +9,7 @@ Each step is the same command a user runs (printed before it runs); nothing is d
 the network starts from the ImageNet EfficientNet-Lite0 weights of a local package when it is
 installed (the `pretrained` extra), from scratch otherwise.
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import json
@@ -47,7 +47,7 @@ def step(title: str, script: str, *args, log: list) -> float:
     cmd = [sys.executable, str(HERE / script), *map(str, args)]
     print(f"\n== {title}\n$ python pipelines/{script} {shlex.join(map(str, args))}", flush=True)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     seconds = time.perf_counter() - t0
     tail = [ln for ln in r.stdout.splitlines() if ln.strip() and "INFO" not in ln][-4:]
     print("\n".join("   " + ln[:160] for ln in tail), flush=True)

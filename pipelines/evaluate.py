@@ -180,8 +180,8 @@ def write_results_report(args, report, query, gallery) -> None:
     as pictures (coloured by the labels, as the full evaluation draws them)."""
     import numpy as np
 
-    from index.evaluation.report import report_slug, write_report
     from contracts.results import read_ranked_lists
+    from index.evaluation.report import report_slug, write_report
     from serving.pictures import results_rows
 
     q_ids, q_items, q_cams = query

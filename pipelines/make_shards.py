@@ -17,7 +17,7 @@ Example:
     python pipelines/make_shards.py --format market1501 \\
         --root ../shared/data/market1501_mini/Market-1501-v15.09.15 --out outputs/market_mini
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import os

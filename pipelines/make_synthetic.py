@@ -10,7 +10,7 @@ Example (300,000 images of 64x32):
         --size 64x32 --out outputs/synthetic
 then: python pipelines/make_shards.py --format market1501 --root outputs/synthetic --out ...
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import os

@@ -162,7 +162,12 @@ def answer_reranked(index, args, config, meta) -> int:
 
     from contracts.results import ResultsWriter, make_results_table
     from index.rerank.backends import load_index_vectors, result_scores
-    from index.rerank.chain import FlatBackend, IndexBackend, PreparedGallery, search_query_candidates
+    from index.rerank.chain import (
+        FlatBackend,
+        IndexBackend,
+        PreparedGallery,
+        search_query_candidates,
+    )
 
     t0 = time.perf_counter()
     batches = query_batches(index, args.queries, args.batch_size, args.split)

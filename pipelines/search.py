@@ -14,8 +14,8 @@ gallery pictures come from --gallery-images (shards dir, manifest Parquet or dat
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 
-from pipelines._cli import add_log_arguments, log_options, make_parser, run_main
 from index.rerank.chain import method_name, rerank_params
+from pipelines._cli import add_log_arguments, log_options, make_parser, run_main
 from pipelines._rerank import add_rerank_arguments, rerank_config
 
 

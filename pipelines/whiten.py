@@ -11,7 +11,7 @@ A transform fitted at a large --dim can be applied at any smaller one with --dim
 leading components), so one fit serves a whole dimension sweep. Keep the .npz beside the index
 version built from the whitened vectors: queries must go through the same file.
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: I001
 
 import argparse
 import time

@@ -57,8 +57,8 @@ def write_search_report(out_dir: str, rows: list, read_image: Callable[[str], ob
                         title: str, notes: Sequence[str] = ()) -> list[str]:
     """OUT/ranked_NNN.png (8 queries each) and OUT/index.html, replaced atomically. Returns
     the file names."""
-    from index.evaluation.report import plot_ranked_lists
     from contracts.storage import atomic_dir
+    from index.evaluation.report import plot_ranked_lists
 
     names = []
     with atomic_dir(out_dir) as tmp:

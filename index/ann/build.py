@@ -47,8 +47,8 @@ from index.ann.search import apply_search_params, exact_search, merge_topk
 from index.ann.versions import IndexHome, finalize_manifest, shard_files
 from index.rerank.backends import JUNK_ITEM
 from index.rerank.graph import GRAPH_FILE, build_gallery_graph, save_gallery_graph
-from index.rerank.neighbours import filtered_search_fn
 from index.rerank.kreciprocal import resolve_max_distance
+from index.rerank.neighbours import filtered_search_fn
 
 log = logging.getLogger(__name__)
 

@@ -246,6 +246,6 @@ def union_neighbours(graph: GalleryGraph, query: np.ndarray, gallery: np.ndarray
         merged[part, :got.shape[1]] = got
     out[n_q:] = merged
     if stats is not None:
-        stats["graph_rows_searched"] = int(len(unsure))
-        stats["graph_rows_short"] = int(len(short))
+        stats["graph_rows_searched"] = len(unsure)
+        stats["graph_rows_short"] = len(short)
     return self_first(out, np.arange(n_q + n_g, dtype=np.int64))

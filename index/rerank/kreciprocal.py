@@ -36,7 +36,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.rerank.graph import GalleryGraph, union_neighbours
-from index.rerank.neighbours import SearchFn, filtered_search_fn, flat_search_fn, self_first, union_search_fn
+from index.rerank.neighbours import (
+    SearchFn,
+    filtered_search_fn,
+    flat_search_fn,
+    self_first,
+    union_search_fn,
+)
 
 __all__ = ["AUTO_SEARCH_MAX", "RerankResult", "SparseRows", "expansion_weights", "farthest_in_sample",
            "jaccard_from_overlap", "jaccard_overlaps", "k_reciprocal_exact", "k_reciprocal_from_embeddings",

@@ -11,16 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from contracts.parts import DUPLICATE_REASON, DuplicateFilter
+from contracts.results import read_results
+from contracts.vectors import l2_normalize, make_embeddings_table, write_table_atomic
 from index.ann.build import BuildConfig, build_index
+from index.ann.search import open_index
 from index.rerank.chain import RerankConfig, rerank
 from index.rerank.neighbours import flat_search_fn
-from contracts.results import read_results
-from index.ann.search import open_index
-from contracts.vectors import l2_normalize, make_embeddings_table, write_table_atomic
 from pipelines import build_index as build_job
 from pipelines import evaluate as evaluate_job
 from pipelines import query as query_job
-from contracts.parts import DUPLICATE_REASON, DuplicateFilter
 from tests.faults.test_bad_vectors import assert_one_line_error, cli
 from tests.index.index_data import clustered, write_vectors
 
@@ -156,7 +156,7 @@ def test_streamed_queries_give_the_same_results_at_any_batch_size(crowd, tmp_pat
         tables = []
         for batch in (7, 4096):
             out_dir = tmp_path / f"r{batch}-{rerank_name}"
-            code, out, err = cli(query_job, ["--index", tmp / "idx" / "g", "--queries", big, "--k", 5,
+            code, _out, err = cli(query_job, ["--index", tmp / "idx" / "g", "--queries", big, "--k", 5,
                                              "--rerank", rerank_name, "--batch-size", batch, "--out", out_dir], capsys)
             assert code == 0, err
             tables.append(read_results(str(out_dir)))

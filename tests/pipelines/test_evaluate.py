@@ -14,7 +14,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 def run_evaluate(*args):
     return subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"), *map(str, args)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
 
 
 def write_embeddings(path, vectors, items, cams, split, model="m1"):
@@ -59,7 +59,7 @@ def test_evaluate_cli_both_modes(embedding_files):
 
 
 def test_evaluate_bad_inputs_one_line_error(embedding_files):
-    tmp, (q, qi, qc, g, gi, gc) = embedding_files
+    tmp, (q, qi, qc, _g, _gi, _gc) = embedding_files
     out = tmp / "r.json"
     out.write_text("previous")
     # missing file

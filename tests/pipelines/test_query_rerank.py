@@ -164,7 +164,7 @@ def test_evaluate_results_reports_the_rerank_query_applied(setup, capsys, tmp_pa
 
     from pipelines import evaluate
 
-    tmp, q, *_ = setup
+    tmp, *_ = setup
     base = ["--index", str(tmp / "idx" / "g"), "--queries", str(tmp / "queries.parquet"), "--k", "30",
             "--split", "query"]
     reports = {}

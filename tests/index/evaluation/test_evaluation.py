@@ -44,7 +44,7 @@ def test_truncated_lists_hand_case():
     res = pa.table({"query_id": ["q"] * 4, "rank": pa.array([0, 1, 2, 3], pa.int32()),
                     "item_id": ["A", "B", "A", "A"], "image_id": ["a1", "b", "a2", "a3"],
                     "score": pa.array([0.9, 0.8, 0.7, 0.6], pa.float32())})
-    got, k, _ = per_query_metrics_from_results(res, ["A"], ["q"], [1], g_items, g_ids, g_cams, k=3)
+    got, _k, _ = per_query_metrics_from_results(res, ["A"], ["q"], [1], g_items, g_ids, g_cams, k=3)
     assert got.num_matches[0] == 3
     assert got.first_match[0] == 1
     assert got.ap[0] == pytest.approx((1 / 2 + 2 / 3) / 3)

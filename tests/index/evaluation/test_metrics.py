@@ -7,7 +7,7 @@ from index.evaluation import metrics as M
 def reference_eval_market1501(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
     """The standard Market-1501 evaluation (torchreid / fast-reid eval_market1501, python
     version), with a stable argsort. Junk (-1) must be removed from the gallery beforehand."""
-    num_q, num_g = distmat.shape
+    num_q, _num_g = distmat.shape
     indices = np.argsort(distmat, axis=1, kind="stable")
     matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
     all_cmc, all_AP, all_INP = [], [], []
@@ -66,7 +66,7 @@ def test_ties_are_broken_like_a_stable_sort():
     q = np.round(q * 2) / 2
     codes = M.encode_labels(qi.astype(str), gi.astype(str), qc, gc)
     report = M.summarize(M.evaluate_instances(q, g, codes))
-    cmc, mAP, mINP, n_valid = reference_eval_market1501(-(q @ g.T), qi, gi, qc, gc)
+    cmc, mAP, mINP, _n_valid = reference_eval_market1501(-(q @ g.T), qi, gi, qc, gc)
     assert report["mAP"] == pytest.approx(mAP, abs=1e-6)
     assert report["mINP"] == pytest.approx(mINP, abs=1e-6)
     assert report["cmc"]["1"] == pytest.approx(cmc[0], abs=1e-6)

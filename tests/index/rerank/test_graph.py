@@ -23,7 +23,7 @@ def clustered(n_q, n_g, d=24, items=40, seed=0):
     g = centres[gi] + 0.7 * rng.normal(size=(n_g, d))
     q = centres[qi] + 0.7 * rng.normal(size=(n_q, d))
     q[:5] = g[:5] + 0.01 * rng.normal(size=(5, d))  # near-duplicates of gallery rows
-    norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     return norm(q), norm(g)
 
 
@@ -132,7 +132,13 @@ def test_inconsistent_graph_is_refused():
 def test_candidates_searched_ahead_give_the_same_lists():
     """query.py searches the queries' candidates, closes the index, then re-ranks: the chain
     with candidates given ahead (and no index search left) equals the chain searching itself."""
-    from index.rerank.chain import FlatBackend, IndexBackend, PreparedGallery, RerankConfig, search_query_candidates
+    from index.rerank.chain import (
+        FlatBackend,
+        IndexBackend,
+        PreparedGallery,
+        RerankConfig,
+        search_query_candidates,
+    )
 
     q, g = clustered(50, 300)
     keep = np.ones(len(g), bool)
