@@ -5,8 +5,8 @@
     python benchmarks/recipe.py --print-only                          # the markdown table
 
 Every run is the real jobs as subprocesses, on the same footing: pipelines/train.py with the
-fixed base (EfficientNet-Lite0 from its local ImageNet weights, 128x64, Ray Train with 2
-workers, no validation during training), the default recipe (train.py's own defaults) plus
+fixed base (EfficientNet-Lite0 from its local ImageNet weights, input 192x96 for Market's
+128x64 images, Ray Train with 2 workers, no validation during training), the default recipe (train.py's own defaults) plus
 the lever's flags, and `--time-budget` (the same wall clock for every run); then
 pipelines/embed.py embeds query and gallery with the model's own config (test-time flip when
 it says so) and pipelines/evaluate.py scores them in instance and centroid mode, without
@@ -29,16 +29,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "market1501_mini" / "Market-1501-v15.09.15"
 RESULTS = REPO / "benchmarks" / "results" / "recipe.jsonl"
 
-# What every run shares (not recipe levers: the network, its start and the machine's workers).
+# What every run shares: the network, its start, its input and the machine's workers. The input
+# was 128x64 (the images' own size) until the study measured 192x96 better (lever "in128" now).
 BASE = ["--backbone", "efficientnet_lite0", "--pretrained", "lite0-imagenet",
-        "--input-size", "128", "64", "--num-workers", "2", "--eval-every", "-1"]
+        "--input-size", "192", "96", "--num-workers", "2", "--eval-every", "-1"]
 
 # (name, train.py flags on top of the default recipe, what it changes). "default" is the
 # recipe of train.py with no recipe flags; every other run changes one thing. Rows named
-# "LEVER@BASE" in the results were measured on another base recipe (the default before the
-# study changed it: "p16m4") and are compared with that base's run.
+# "LEVER@BASE" in the results were measured on another base recipe (one the study replaced:
+# "in128", "p16m4@in128") and are compared with that base's run.
 LEVERS = [
-    ("default", [], "train.py defaults: R-MAC, flip test, P8 x M8, step schedule 0.1/0.7/0.9"),
+    ("default", [], "train.py defaults at 192x96: R-MAC, flip test, P8 x M8, step 0.1/0.7/0.9"),
     ("no-ctl", ["--no-ctl"], "CTL off (the final comparison, over seeds)"),
     ("pool-avg", ["--pooling", "avg"], "global average pooling (the old default)"),
     ("pool-gem", ["--pooling", "gem"], "GeM, p learned from 3"),
@@ -67,8 +68,8 @@ LEVERS = [
     ("loader1", ["--loader-threads", "1"], "1 decode/augment thread per worker"),
     ("loader4", ["--loader-threads", "4"], "4 decode/augment threads per worker"),
     # Market-1501's images are 128x64; the strong baseline (and ModelConfig's default) upscales
-    # to 256x128: a finer final map for the pooling, at ~4x the compute per image
-    ("in192", ["--input-size", "192", "96"], "input 192x96 (images upscaled 1.5x)"),
+    # them to 256x128: a finer final map for the pooling, at ~4x the compute per image
+    ("in128", ["--input-size", "128", "64"], "input 128x64, the images' own size (the base until 12-07)"),
     ("in256", ["--input-size", "256", "128"], "input 256x128 (upscaled 2x, ModelConfig's default)"),
 ]
 LEVER_NAMES = [n for n, _, _ in LEVERS]
