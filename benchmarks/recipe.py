@@ -10,7 +10,10 @@ fixed base (EfficientNet-Lite0 from its local ImageNet weights, input 192x96 for
 the lever's flags, and `--time-budget` (the same wall clock for every run); then
 pipelines/embed.py embeds query and gallery with the model's own config (test-time flip when
 it says so) and pipelines/evaluate.py scores them in instance and centroid mode, without
-re-ranking. One JSON line per (run, seed, budget) goes to --results; a run already there is
+re-ranking. The test-time levers (flip-off, neck-before: how a model embeds, not how it
+trains) re-embed the default run's model of the same seed with that one config.json field
+changed; their rows carry the default's train command, `model_from` and `config_override`.
+One JSON line per (run, seed, budget) goes to --results; a run already there is
 skipped, and a model or embedding already in --work is reused, so an interrupted study picks
 up where it stopped. `--print-only` renders mean and spread (sample standard deviation) over
 seeds per run, each against the default. The shards are made once (make_shards.py) and cached.
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import time
@@ -73,6 +77,11 @@ LEVERS = [
     ("in256", ["--input-size", "256", "128"], "input 256x128 (upscaled 2x, ModelConfig's default)"),
 ]
 LEVER_NAMES = [n for n, _, _ in LEVERS]
+
+# Levers that change only how a trained model embeds (its config.json, never its weights or its
+# training) are measured on the default recipe's own models, seed for seed: the difference is
+# the lever's alone, with no training noise, and it costs an embed instead of a training run.
+TEST_LEVERS = {"flip-off": {"flip_test": False}, "neck-before": {"neck_feat": "before"}}
 METRICS = ("instance_mAP", "instance_rank1", "centroid_mAP", "centroid_rank1")
 
 
@@ -132,8 +141,36 @@ def append_result(path: pathlib.Path, row: dict) -> None:
     os.replace(tmp, path)
 
 
+def default_model(a, seed: int) -> tuple[pathlib.Path, str]:
+    """The default recipe's model dir and train command for this seed and budget (from the
+    results, so a default run made under another tag is found too)."""
+    for r in read_results(a.results):
+        if r["name"] == "default" and r["seed"] == seed and r["budget_s"] == a.budget_s:
+            argv = shlex.split(r["command"])
+            return REPO / argv[argv.index("--output") + 1], r["command"]
+    raise SystemExit(f"run 'default' seed {seed} at this budget first: the test-time levers "
+                     f"({', '.join(TEST_LEVERS)}) re-embed its model")
+
+
+def derive_model(src: pathlib.Path, dst: pathlib.Path, override: dict) -> None:
+    """dst = src's weights and training record with config.json changed by `override`
+    (written under a temporary name, renamed when complete)."""
+    cfg = json.loads((src / "config.json").read_text())
+    unknown = set(override) - set(cfg)
+    if unknown:
+        raise SystemExit(f"{src}/config.json has no {min(unknown)!r} to override")
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in ("model.pt", "training.json"):
+        shutil.copy2(src / f, tmp / f)
+    (tmp / "config.json").write_text(json.dumps({**cfg, **override}, indent=2, sort_keys=True))
+    os.replace(tmp, dst)
+
+
 def one_run(a, shards: pathlib.Path, name: str, flags: list, seed: int) -> dict:
-    """Train (held to the budget), embed, evaluate; returns the JSONL row."""
+    """Train (held to the budget; a test-time lever reuses the default's model), embed,
+    evaluate; returns the JSONL row."""
     tag = f"{name}-b{int(a.budget_s)}-s{seed}"
     work = a.work / tag
     work.mkdir(parents=True, exist_ok=True)
@@ -142,6 +179,13 @@ def one_run(a, shards: pathlib.Path, name: str, flags: list, seed: int) -> dict:
     train = [REPO / "pipelines" / "train.py", "--shards", shards, *BASE, *flags,
              "--time-budget", f"{a.budget_s:g}s", "--seed", seed, "--name", tag,
              "--storage-path", a.work / "ray_results", "--output", model]
+    derived = {}
+    if name in TEST_LEVERS:
+        src, train_command = default_model(a, seed)
+        if not (model / "model.pt").exists():
+            derive_model(src, model, TEST_LEVERS[name])
+        derived = {"command": train_command, "model_from": f"default seed {seed}: {rel(src)}",
+                   "config_override": TEST_LEVERS[name]}
     embed = [REPO / "pipelines" / "embed.py", "--model", model, "--shards", shards, "--out", emb]
     evaluate = [REPO / "pipelines" / "evaluate.py", "--query", emb, "--query-split", "query",
                 "--gallery", emb, "--gallery-split", "gallery", "--mode", "both",
@@ -163,8 +207,8 @@ def one_run(a, shards: pathlib.Path, name: str, flags: list, seed: int) -> dict:
            "train_s": training["trained_s"], "epochs": training["epochs_trained"],
            "flags": flags, "pooling": mcfg["pooling"], "flip_test": mcfg["flip_test"],
            "command": command_text(train), "embed_command": command_text(embed),
-           "evaluate_command": command_text(evaluate)}
-    if wall_s > 1:  # trained now (not a model reused from --work)
+           "evaluate_command": command_text(evaluate), **derived}
+    if wall_s > 1 and not derived:  # trained now (not a model reused from --work)
         row["train_wall_s"] = round(wall_s, 1)
     for mode in ("instance", "centroid"):
         r = reports[mode]

@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --shards outputs/market_mini/shards
     python benchmarks/train_throughput.py --shards S --backbone resnet18 --workers 1 2 4
+    python benchmarks/train_throughput.py --shards S --set train.channels_last=false   # a speed lever
 
 For each worker count, runs the real job (TorchTrainer, DDP over gloo on CPU, P x M batches
 decoded from the shards by each worker) for --epochs short epochs of --steps steps and prints
@@ -53,13 +54,16 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2, help="epochs; the last one is timed (2)")
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="worker counts (1 2)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied last, e.g. data.loader_threads=2 or "
+                        "train.channels_last=false (repeatable)")
     args = p.parse_args()
 
     from model.config import load_config
     from pipelines.train import run_training
 
     size = tuple(args.input_size)
-    print(f"load average before: {os.getloadavg()}")
+    print(f"load average before: {os.getloadavg()}" + (f"; overrides {args.set}" if args.set else ""))
     rate = bare_rate(args.backbone, size, args.P * args.M, threads=1)
     print(f"bare network, 1 thread, batch {args.P * args.M}: {rate:.1f} images/s")
     rows = []
@@ -71,7 +75,7 @@ def main() -> None:
                 f"train.epochs={args.epochs}", f"train.steps_per_epoch={args.steps}",
                 "train.eval_every=-1", f"run.num_workers={w}", "run.use_gpu=false",
                 f"run.name=bench-{w}", f"run.storage_path={tmp}", f"run.output={tmp}/model-{w}",
-                "data.loader_threads=1"])
+                "data.loader_threads=1", *args.set])
             out = run_training(cfg, num_cpus=args.num_cpus or max(2, w))
             m = out["metrics"]
             rows.append({"workers": w, "images_per_s": m["images_per_s"],
