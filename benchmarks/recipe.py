@@ -226,7 +226,9 @@ def summarize(rows: list[dict], budget_s: float | None = None) -> list[dict]:
     out = []
     for (name, budget), rs in groups.items():
         s = {"name": name, "budget_s": budget, "seeds": sorted(r["seed"] for r in rs),
-             "train_s": statistics.fmean(r["train_s"] for r in rs)}
+             "train_s": statistics.fmean(r["train_s"] for r in rs),
+             # the machine's speed varies between sessions: epochs show what a budget bought
+             "epochs": statistics.fmean(r.get("epochs", 0) for r in rs)}
         for m in METRICS:
             vals = [r[m] for r in rs]
             s[m] = statistics.fmean(vals)
@@ -246,8 +248,8 @@ def render_table(summary: list[dict]) -> str:
     base = {s["budget_s"]: s for s in summary if s["name"] == "default"}
     what = {n: d for n, _, d in LEVERS}
     header = ("| run | change | budget | seeds | inst. mAP | inst. R1 | centroid mAP | centroid R1 "
-              "| Δ inst. mAP | train s |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+              "| Δ inst. mAP | train s | epochs |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(s, m):
         return f"{s[m]:.3f}" + (f" ± {s[m + '_sd']:.3f}" if len(s["seeds"]) > 1 else "")
@@ -260,7 +262,7 @@ def render_table(summary: list[dict]) -> str:
         delta = f"{s['instance_mAP'] - ref['instance_mAP']:+.3f}" if ref and s is not ref else ""
         seeds = ",".join(map(str, s["seeds"]))
         lines.append(f"| {s['name']} | {change} | {s['budget_s']:g} s | {seeds} | "
-                     + " | ".join(cell(s, m) for m in METRICS) + f" | {delta} | {s['train_s']:.0f} |")
+                     + " | ".join(cell(s, m) for m in METRICS) + f" | {delta} | {s['train_s']:.0f} | {s['epochs']:.0f} |")
     return "\n".join(lines)
 
 
